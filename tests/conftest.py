@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny generated data, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def write_colour_folder(root: Path, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder of 3 easy classes (noisy red / green / blue images)."""
+    rng = np.random.default_rng(seed)
+    for name, colour in COLOURS.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            a = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def colour_folder(tmp_path) -> Path:
+    return write_colour_folder(tmp_path / "colours")
+
+
+@pytest.fixture(autouse=True)
+def _runs_in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder so runs/ never lands in the repository."""
+    monkeypatch.chdir(tmp_path)

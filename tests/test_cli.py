@@ -1,0 +1,59 @@
+"""The CLI: help, summary, and its error paths (one line, exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vistrain.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vistrain", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "epoch=3"], "unknown key 'epoch'; did you mean 'epochs'?"),
+    (["train", "epochs=abc"], "epochs='abc': expected an integer"),
+    (["train", "data=/no/such/folder", "epochs=1"], "/no/such/folder: folder does not exist"),
+    (["train", "optimizer=adamm"], "did you mean 'Adam'"),
+    (["val", "model=/no/such/best.pt"], "/no/such/best.pt: checkpoint not found"),
+    (["predict", "model=resnet18"], "needs trained weights"),
+    (["trian"], "unknown mode 'trian'; did you mean 'train'?"),
+    (["train", "batch=0"], "batch=0: must be greater than 0"),
+    (["train", "model=resnet05"], "did you mean 'resnet50'"),
+])
+def test_errors_one_line_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_error_in_a_real_process_has_no_traceback():
+    p = run_cli("train", "lr=0.1")
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr and "did you mean 'lr0'" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_keys_with_defaults(capsys):
+    assert main(["help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model", "data", "epochs", "batch", "imgsz", "nc", "device", "workers", "project", "name",
+                "resume", "seed", "optimizer", "lr0", "patience", "time", "save_json"):
+        assert f"  {key}=" in out, key
+    assert "epochs=10" in out and "number of epochs" in out
+    assert main(["train", "help"]) == 0
+    assert main(["help", "models"]) == 0
+    assert "resnet152" in capsys.readouterr().out
+
+
+def test_summary_of_tutorial_classifier(capsys):
+    assert main(["summary", "model=yolov5-backbone-cls", "nc=4", "imgsz=224"]) == 0
+    out = capsys.readouterr().out
+    assert "Total params: 21,729,592" in out
+    assert "[-1, 64, 113, 113]" in out and "[-1, 1024, 8, 8]" in out
+    assert "GFLOPs:" in out and "Estimated Total Size (MB):" in out

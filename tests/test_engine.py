@@ -1,0 +1,145 @@
+"""The trainer end to end on tiny generated data: run folder, loss, resume, bad images, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vistrain
+from vistrain.engine.checkpoint import load_checkpoint
+from vistrain.engine.trainer import Trainer
+from vistrain.config import get_config
+
+FAST = dict(model="yolov5n-cls", imgsz=32, batch=8, nbs=8, workers=0, seed=0, warmup_epochs=0)
+
+
+def rows(csv_path: Path) -> list[dict]:
+    with open(csv_path) as f:
+        return list(csv.DictReader(f))
+
+
+def make_trainer(**kw) -> Trainer:
+    cfg = get_config(kw)
+    cfg["_user_keys"] = sorted(kw)
+    return Trainer(cfg)
+
+
+def test_two_epochs_loss_falls_and_run_folder_complete(colour_folder):
+    res = vistrain.train(data=str(colour_folder), epochs=2, **FAST)
+    run = Path(res["save_dir"])
+    assert run == Path("runs/classify/train")
+    for f in ["args.yaml", "results.csv", "results.png", "confusion_matrix.png", "weights/best.pt",
+              "weights/last.pt", "train_batch0.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg"]:
+        assert (run / f).is_file(), f
+    r = rows(run / "results.csv")
+    assert [int(x["epoch"]) for x in r] == [1, 2]
+    for col in ["train/loss", "val/loss", "metrics/accuracy_top1", "metrics/accuracy_top5", "lr/pg0", "lr/pg1",
+                "lr/pg2", "time"]:
+        assert col in r[0], col
+    assert float(r[1]["train/loss"]) < float(r[0]["train/loss"])
+    ckpt = load_checkpoint(run / "weights/best.pt")
+    assert ckpt["names"] == ["blue", "green", "red"] and ckpt["imgsz"] == 32 and ckpt["task"] == "classify"
+    # a second run gets a new numbered folder
+    res2 = vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
+    assert res2["save_dir"] == str(Path("runs/classify/train2"))
+
+
+def test_checkpoint_rebuilds_for_val_predict_and_finetune(colour_folder, tmp_path):
+    res = vistrain.train(data=str(colour_folder), epochs=3, optimizer="Adam", lr0=0.01, **FAST)
+    best = f"{res['save_dir']}/weights/best.pt"
+    model = vistrain.build_model(best)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    metrics = vistrain.val(model=best, save_json=True, workers=0)
+    assert metrics["metrics/accuracy_top1"] == pytest.approx(res["metrics/accuracy_top1"])
+    assert json.loads((Path(metrics["save_dir"]) / "metrics.json").read_text())["metrics/accuracy_top1"] >= 0
+    images = sorted((colour_folder / "red").glob("*.png"))[:2] + sorted((colour_folder / "blue").glob("*.png"))[:2]
+    preds = vistrain.predict(best, [str(p) for p in images], save_json=True)
+    assert [len(p.topk(5)) for p in preds] == [3, 3, 3, 3]  # only 3 classes exist
+    assert all(abs(float(p.probs.sum()) - 1) < 1e-5 for p in preds)
+    out = Path(preds[0].extra["save_dir"])
+    assert (out / "predictions.csv").is_file() and (out / "predictions.json").is_file()
+    assert len(list(out.glob("*.jpg"))) == 4
+    if res["metrics/accuracy_top1"] == 1.0:
+        assert [p.top1[0] for p in preds] == ["red", "red", "blue", "blue"]
+    # fine-tune from the checkpoint
+    res3 = vistrain.train(data=str(colour_folder), epochs=1, **{**FAST, "model": best})
+    assert Path(res3["save_dir"], "weights/last.pt").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(colour_folder):
+    kw = dict(data=str(colour_folder), epochs=3, plots=False, **{**FAST, "warmup_epochs": 1.0, "nbs": 16})
+    full = make_trainer(**kw, name="full")
+    full.train()
+
+    part = make_trainer(**kw, name="part")
+
+    def stop_after_second_epoch(trainer):
+        if trainer.epoch == 1:
+            raise Interrupt
+
+    part.add_callback("on_epoch_end", stop_after_second_epoch)
+    with pytest.raises(Interrupt):
+        part.train()
+    last = Path("runs/classify/part/weights/last.pt")
+    saved = load_checkpoint(last)
+    assert saved["epoch"] == 1
+
+    resumed = make_trainer(resume=str(last))
+    seen = {}
+    resumed.add_callback("on_train_start", lambda t: seen.update(
+        start=t.start_epoch, updates=t.ema.updates,
+        opt=t.optimizer.state_dict()["state"][0]["exp_avg"].clone()))
+    resumed.train()
+    assert seen["start"] == 2
+    assert seen["updates"] == saved["ema_updates"] > 0
+    assert torch.equal(seen["opt"], saved["optimizer"]["state"][0]["exp_avg"])
+    assert [int(r["epoch"]) for r in rows(Path("runs/classify/part/results.csv"))] == [1, 2, 3]
+    a = load_checkpoint("runs/classify/full/weights/last.pt")
+    b = load_checkpoint(last)
+    for k, v in a["train_model"].items():
+        assert torch.allclose(v.float(), b["train_model"][k].float(), atol=1e-6), k
+    for k, v in a["model"].items():
+        assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+
+
+def test_bad_and_odd_images_train_with_warnings(colour_folder, capsys):
+    red = colour_folder / "red"
+    base = np.full((32, 32, 3), (220, 30, 30), np.uint8)
+    Image.fromarray(base).convert("L").save(red / "gray.png")
+    Image.fromarray(base).convert("RGBA").save(red / "rgba.png")
+    Image.fromarray(base).convert("P").save(red / "palette.png")
+    Image.fromarray(base).convert("CMYK").save(red / "cmyk.jpg")
+    Image.fromarray((base[..., 0].astype(np.uint16) * 257)).save(red / "sixteen.png")
+    good = (red / "red_000.png").read_bytes()
+    (red / "truncated.png").write_bytes(good[: len(good) // 2])
+    (red / "empty.jpg").write_bytes(b"")
+    (red / "notes.txt").write_text("not an image")
+    (colour_folder / "purple").mkdir()
+    before = {p: p.read_bytes() for p in colour_folder.rglob("*") if p.is_file()}
+    res = vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
+    out = capsys.readouterr().out
+    assert "2 corrupt skipped" in out or "2 corrupt" in out
+    assert "truncated.png" in out and "empty.jpg" in out
+    assert "purple" in out and "notes.txt" not in out
+    ckpt = load_checkpoint(Path(res["save_dir"]) / "weights/best.pt")
+    assert ckpt["names"] == ["blue", "green", "purple", "red"]
+    after = {p: p.read_bytes() for p in colour_folder.rglob("*") if p.is_file()}
+    assert before == after  # no user file modified, none added
+
+
+def test_time_limit_and_patience(colour_folder):
+    res = vistrain.train(data=str(colour_folder), epochs=50, time=1e-9, plots=False, **FAST)
+    assert res["epochs_done"] == 1
+    res = vistrain.train(data=str(colour_folder), epochs=50, patience=1, plots=False,
+                         **{**FAST, "optimizer": "SGD", "lr0": 0.0})
+    assert res["epochs_done"] == 2  # lr 0: no improvement after epoch 1, stop one epoch later

@@ -1,0 +1,106 @@
+"""Every built-in model YAML builds and runs; published parameter counts; torchvision equality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from vistrain import build_model
+from vistrain.nn.model import builtin_models, load_model_yaml
+from vistrain.nn.parser import ModelYAMLError
+
+ALL = builtin_models()
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_builtin_list_complete():
+    for name in ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "yolov5-backbone-cls",
+                 "yolov5n-cls", "yolov5s-cls", "yolov5m-cls", "yolov5l-cls", "yolov5x-cls"]:
+        assert name in ALL
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_builds_and_runs(name):
+    imgsz = 64
+    model = build_model(name, num_classes=3, imgsz=imgsz).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, imgsz, imgsz))
+    assert out.shape == (2, 3)
+    assert torch.isfinite(out).all()
+    model.train()
+    assert model(torch.rand(2, 3, imgsz, imgsz)).shape == (2, 3)  # same return type in train mode
+
+
+@pytest.mark.parametrize("depth,count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
+                                         (101, 44_549_160), (152, 60_192_808)])
+def test_resnet_param_counts_and_torchvision_keys(depth, count):
+    ours = build_model(f"resnet{depth}", num_classes=1000)
+    ref = getattr(torchvision.models, f"resnet{depth}")()
+    assert n_params(ours) == count == n_params(ref)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_loads_torchvision_weights_same_logits(depth):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, f"resnet{depth}")().eval()
+    ours = build_model(f"resnet{depth}", num_classes=1000).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_tutorial_backbone_classifier():
+    model = build_model("yolov5-backbone-cls", num_classes=4, imgsz=224)
+    assert n_params(model) == 21_729_592
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape))) for m in model.layers]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    assert shapes[0] == (1, 64, 113, 113)
+    assert shapes[8] == (1, 1024, 8, 8) and shapes[9] == (1, 1024, 8, 8)
+    assert shapes[-1] == (1, 4)
+    # the flattened size follows imgsz at build time
+    small = build_model("yolov5-backbone-cls", num_classes=4, imgsz=96)
+    assert small.layers[11].in_features == 1024 * 4 * 4  # 96 -> 49 -> 25 -> 13 -> 7 -> 4
+
+
+@pytest.mark.parametrize("scale,approx", [("n", 2.5e6), ("s", 5.4e6), ("m", 12.9e6), ("l", 26.5e6), ("x", 48.1e6)])
+def test_yolov5_cls_scales_match_published_sizes(scale, approx):
+    # yolov5 v7.0 README: yolov5{n,s,m,l,x}-cls have 2.5M / 5.4M / 12.9M / 26.5M / 48.1M params (1000 classes)
+    assert abs(n_params(build_model(f"yolov5{scale}-cls", num_classes=1000)) - approx) < 0.06e6
+
+
+def test_scaled_name_resolves_scale():
+    assert load_model_yaml("yolov5s-cls")["scale"] == "s"
+    assert load_model_yaml("yolov5x-cls")["scale"] == "x"
+
+
+def test_user_yaml_and_errors(tmp_path):
+    y = tmp_path / "tiny.yaml"
+    y.write_text("nc: 2\nbackbone:\n  - [-1, 1, Conv, [8, 3, 2]]\n  - [-1, 2, C3, [8]]\nhead:\n"
+                 "  - [-1, 1, Classify, [nc]]\n")
+    m = build_model(str(y))
+    assert m(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nc: 2\nbackbone:\n  - [-1, 1, Cnov, [8, 3, 2]]\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    with pytest.raises(ModelYAMLError, match="did you mean 'Conv'"):
+        build_model(str(bad))
+    with pytest.raises(FileNotFoundError, match="resnet50"):
+        build_model("resnet05")
+
+
+def test_activation_is_a_constructor_argument(tmp_path):
+    y = tmp_path / "relu.yaml"
+    y.write_text("nc: 2\nact: relu\nbackbone:\n  - [-1, 1, Conv, [8, 3, 2]]\nhead:\n  - [-1, 1, Classify, [nc]]\n")
+    relu_model = build_model(str(y))
+    silu_model = build_model("yolov5n-cls", num_classes=2)
+    assert isinstance(relu_model.layers[0].act, torch.nn.ReLU)
+    assert isinstance(silu_model.layers[0].act, torch.nn.SiLU)  # building one did not change the other

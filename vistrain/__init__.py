@@ -1,0 +1,57 @@
+"""vistrain: build, train, evaluate and run vision models offline, with one engine.
+
+The Python API takes the same keys as the CLI (``vistrain help`` lists them)::
+
+    import vistrain
+    model = vistrain.build_model("resnet50", num_classes=1000)
+    results = vistrain.train(model="yolov5n-cls", epochs=3, imgsz=64)
+    metrics = vistrain.val(model="runs/classify/train/weights/best.pt")
+    preds = vistrain.predict("runs/classify/train/weights/best.pt", "images/")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from vistrain.nn.model import build_model  # noqa: E402
+
+
+def _config(mode: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from vistrain.config import get_config
+    from vistrain.engine.utils import setup_logging
+
+    cfg = get_config(kwargs)
+    cfg["_user_keys"] = sorted(kwargs)
+    cfg["_mode"] = mode
+    setup_logging(cfg.get("verbose", True))
+    return cfg
+
+
+def train(**kwargs: Any) -> dict[str, Any]:
+    """Train a model; returns the final metrics of the best checkpoint and ``save_dir``."""
+    from vistrain.engine.trainer import Trainer
+
+    return Trainer(_config("train", kwargs)).train()
+
+
+def val(**kwargs: Any) -> dict[str, Any]:
+    """Validate a checkpoint on the validation split of ``data`` (default: the data it trained on)."""
+    from vistrain.engine.validator import val as run_val
+
+    return run_val(_config("val", kwargs))
+
+
+def predict(model: str | None = None, source: Any = None, **kwargs: Any):
+    """Predict ``source`` (files, folders, globs) with a checkpoint; returns one Result per image."""
+    from vistrain.engine.predictor import predict as run_predict
+
+    if model is not None:
+        kwargs["model"] = str(model)
+    if source is not None:
+        kwargs["source"] = source if isinstance(source, (list, tuple)) else str(source)
+    return run_predict(_config("predict", kwargs))
+
+
+__all__ = ["build_model", "train", "val", "predict", "__version__"]

@@ -1,0 +1,139 @@
+"""``vistrain MODE key=value ...`` - the command line, in the ultralytics style.
+
+Bad input (an unknown key, a bad value, a missing path, a broken file) prints one line and exits
+with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+MODES = {
+    "train": "train a model (vistrain train model=yolov5n-cls data=DIR epochs=10 imgsz=224)",
+    "val": "validate a checkpoint (vistrain val model=runs/classify/train/weights/best.pt)",
+    "predict": "predict images (vistrain predict model=best.pt source=DIR|FILE|GLOB)",
+    "summary": "print a model's layers, parameters and GFLOPs (vistrain summary model=resnet50 nc=1000)",
+    "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0)",
+    "help": "this text; `vistrain MODE help` lists the keys, `vistrain help models` the built-in models",
+}
+MODE_KEYS = {
+    "summary": ("model", "nc", "imgsz", "device"),
+    "data": ("out", "n", "imgsz", "seed", "workers"),
+    "val": ("model", "data", "imgsz", "batch", "workers", "device", "project", "name", "exist_ok", "plots",
+            "save_json", "verbose", "split", "seed"),
+    "predict": ("model", "source", "imgsz", "batch", "device", "project", "name", "exist_ok", "save", "save_json",
+                "topk"),
+}
+
+
+def print_help(mode: str | None = None) -> None:
+    from vistrain.config import key_help
+
+    if mode == "models":
+        from vistrain.nn.model import builtin_models
+
+        print("Built-in models (model=NAME):\n  " + "\n  ".join(builtin_models()))
+        return
+    if mode is None:
+        print("Usage: vistrain MODE key=value ...\n\nModes:")
+        for m, text in MODES.items():
+            print(f"  {m:<8} {text}")
+        print("\nKeys (key=default  meaning):")
+    else:
+        print(f"vistrain {mode}: {MODES[mode]}\n\nKeys (key=default  meaning):")
+    wanted = MODE_KEYS.get(mode) if mode else None
+    for key, default, meaning in key_help():
+        if wanted is None or key in wanted:
+            shown = "" if default is None else default
+            print(f"  {key + '=' + str(shown):<28} {meaning}")
+
+
+def summary(cfg: dict) -> None:
+    from vistrain.engine.utils import UserError
+    from vistrain.nn.model import build_model
+    from vistrain.utils.summary import summarize
+
+    if not cfg.get("model"):
+        raise UserError("summary needs model=NAME|YAML|CHECKPOINT, e.g. vistrain summary model=resnet50 nc=1000")
+    try:
+        model = build_model(cfg["model"], num_classes=cfg.get("nc"), imgsz=cfg["imgsz"])
+    except FileNotFoundError as e:
+        raise UserError(f"model={cfg['model']}: {e}") from None
+    print(summarize(model, imgsz=cfg["imgsz"]).table())
+
+
+def data_mode(args: list[str], cfg: dict) -> None:
+    from vistrain.data.synthetic import make_dataset
+    from vistrain.engine.utils import UserError
+
+    if not args or args[0] != "make":
+        raise UserError("usage: vistrain data make out=DIR n=1000 imgsz=320 seed=0")
+    import time
+
+    t0 = time.time()
+    out = make_dataset(cfg["out"], n=cfg["n"], imgsz=cfg["imgsz"], seed=cfg["seed"], workers=max(1, cfg["workers"]))
+    print(f"built-in dataset written to {out} in {time.time() - t0:.1f}s (n={cfg['n']} imgsz={cfg['imgsz']} "
+          f"seed={cfg['seed']}): classify/, detect/, segment/, voc/, data.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vistrain.config import ConfigError, get_config, parse_cli_args
+    from vistrain.engine.utils import UserError, setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("help", "-h", "--help"):
+        print_help(argv[1] if len(argv) > 1 and argv[1] in ("models", *MODES) else None)
+        return 0
+    mode, rest = argv[0], argv[1:]
+    try:
+        if mode not in MODES:
+            from vistrain.config import closest_key
+
+            near = closest_key(mode, MODES)
+            raise ConfigError(f"unknown mode '{mode}'" + (f"; did you mean '{near}'?" if near else "")
+                              + f" (modes: {', '.join(MODES)})")
+        if rest and rest[0] in ("help", "-h", "--help"):
+            print_help(mode)
+            return 0
+        sub = []
+        if mode == "data" and rest and "=" not in rest[0]:
+            sub, rest = [rest[0]], rest[1:]
+        overrides = parse_cli_args(rest)
+        if mode == "data":
+            overrides.setdefault("imgsz", "320")
+        cfg = get_config(overrides)
+        cfg["_user_keys"] = sorted(overrides)
+        cfg["_mode"] = mode
+        setup_logging(cfg["verbose"])
+        if mode == "train":
+            from vistrain.engine.trainer import Trainer
+
+            Trainer(cfg).train()
+        elif mode == "val":
+            from vistrain.engine.validator import val
+
+            val(cfg)
+        elif mode == "predict":
+            from vistrain.engine.predictor import predict
+
+            predict(cfg)
+        elif mode == "summary":
+            summary(cfg)
+        elif mode == "data":
+            data_mode(sub, cfg)
+        return 0
+    except (ConfigError, UserError) as e:
+        print(f"vistrain {mode}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nvistrain: interrupted; weights/last.pt holds the last finished epoch (resume=True continues)",
+              file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,343 @@
+"""The training engine, shared by every task: ``train -> epoch -> step`` with callbacks.
+
+The trainer knows nothing of classification or detection: the task plug-in (``vistrain.tasks``)
+supplies datasets, the loss, metrics and plots.  Rank and world size live here (single process
+for now; torchrun/DDP will set them), not in module globals.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from vistrain.engine.run import build_run_model, get_task_for, prepare_run, public_args, resolve_model_source
+from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
+from vistrain.engine.validator import make_loader, run_validation
+
+EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
+# keys a user may change when resuming; everything else comes from the interrupted run
+RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "workers", "plots", "verbose")
+
+
+def find_last_checkpoint(project: str | Path = "runs") -> Path:
+    candidates = sorted(Path(project).glob("*/*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"resume=True: no {project}/TASK/NAME/weights/last.pt found; give resume=path/to/last.pt")
+    return candidates[-1]
+
+
+class Trainer:
+    """``Trainer(cfg).train()`` trains, validates each epoch, checkpoints, and returns final metrics."""
+
+    def __init__(self, cfg: dict[str, Any], callbacks: dict[str, list[Callable]] | None = None):
+        self.callbacks: dict[str, list[Callable]] = defaultdict(list)
+        for event, fns in (callbacks or {}).items():
+            self.callbacks[event].extend(fns)
+        self.rank, self.world_size = 0, 1
+        self.resume_ckpt = None
+        if cfg.get("resume"):
+            path = find_last_checkpoint(cfg.get("project") or "runs") if cfg["resume"] is True else Path(cfg["resume"])
+            self.resume_ckpt = load_checkpoint(path)
+            if "train_args" not in self.resume_ckpt or "optimizer" not in self.resume_ckpt:
+                raise UserError(f"resume={path}: not a vistrain last.pt with training state")
+            given = set(cfg.get("_user_keys", ()))
+            cfg = {**self.resume_ckpt["train_args"], **{k: cfg[k] for k in RESUME_OVERRIDABLE if k in given},
+                   "resume": str(path), "_resume_dir": str(path.parent.parent)}
+            LOGGER.info(f"resume: {path} (epoch {self.resume_ckpt['epoch'] + 1} done)")
+        self.cfg = cfg
+
+    def add_callback(self, event: str, fn: Callable) -> None:
+        if event not in EVENTS:
+            raise ValueError(f"unknown event {event!r}; events: {EVENTS}")
+        self.callbacks[event].append(fn)
+
+    def run_callbacks(self, event: str) -> None:
+        for fn in self.callbacks.get(event, ()):
+            fn(self)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        init_seeds(cfg["seed"], cfg["deterministic"])
+        task_name, model_yaml, ckpt = resolve_model_source(cfg)
+        self.task = get_task_for(cfg, task_name)
+        if cfg.get("_resume_dir"):
+            self.device, self.save_dir = prepare_run({**cfg, "exist_ok": True}, self.task, "train")
+            self.save_dir = Path(cfg["_resume_dir"])
+        else:
+            self.device, self.save_dir = prepare_run(cfg, self.task, "train")
+        self.wdir = self.save_dir / "weights"
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        (self.save_dir / "args.yaml").write_text(yaml.safe_dump(public_args(cfg), sort_keys=False))
+
+        self.data = self.task.build_data(cfg)
+        for line in self.data.summary:
+            LOGGER.info(line)
+        self.names = self.data.names
+        model_yaml = self.resume_ckpt["model_yaml"] if self.resume_ckpt else model_yaml
+        self.model = build_run_model(cfg, model_yaml, None if self.resume_ckpt else ckpt, len(self.names))
+        self.model.to(self.device)
+        self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"], shuffle=True,
+                                        seed=cfg["seed"], device=self.device)
+        self.val_loader = make_loader(self.data.val, self.task, cfg["batch"], cfg["workers"], shuffle=False,
+                                      device=self.device)
+        self.epochs = cfg["epochs"]
+        self.batch_size = self.train_loader.batch_size
+        self.accumulate = max(round(cfg["nbs"] / self.batch_size), 1)
+        self.optimizer = self.build_optimizer()
+        self.lf = self.lr_lambda()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.ema = ModelEMA(self.model) if cfg["ema"] else None
+        self.start_epoch, self.best_fitness, self.best_epoch = 0, None, -1
+        self.csv = self.save_dir / "results.csv"
+        if self.resume_ckpt:
+            self.load_training_state(self.resume_ckpt)
+        elif self.csv.exists():
+            self.csv.unlink()
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay)."""
+        cfg = self.cfg
+        name, lr, momentum = cfg["optimizer"], cfg["lr0"], cfg["momentum"]
+        if name == "auto":
+            iterations = math.ceil(len(self.data.train) / max(self.batch_size, cfg["nbs"])) * self.epochs
+            lr_fit = round(0.002 * 5 / (4 + len(self.names)), 6)
+            name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", lr_fit, 0.9)
+            self.cfg["warmup_bias_lr"] = 0.0 if name == "AdamW" else cfg["warmup_bias_lr"]
+            LOGGER.info(f"optimizer=auto: {name} lr0={lr} momentum={momentum} ({iterations} iterations)")
+        self.lr0 = lr
+        decay = cfg["weight_decay"] * self.batch_size * self.accumulate / cfg["nbs"]
+        groups: list[list[nn.Parameter]] = [[], [], []]
+        norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
+        for module in self.model.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                groups[2 if pname == "bias" else 1 if isinstance(module, norm_types) else 0].append(p)
+        param_groups = [{"params": groups[0], "weight_decay": decay}, {"params": groups[1], "weight_decay": 0.0},
+                        {"params": groups[2], "weight_decay": 0.0}]
+        if name == "SGD":
+            opt = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=cfg["nesterov"])
+        elif name in ("Adam", "AdamW"):
+            opt = getattr(torch.optim, name)(param_groups, lr=lr, betas=(momentum, 0.999))
+        else:
+            raise UserError(f"optimizer={name}: use SGD, Adam, AdamW or auto")
+        return opt
+
+    def lr_lambda(self) -> Callable[[int], float]:
+        lrf, epochs = self.cfg["lrf"], max(self.epochs, 1)
+        if self.cfg["cos_lr"]:
+            return lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (lrf - 1) + 1
+        return lambda x: max(1 - x / epochs, 0) * (1.0 - lrf) + lrf
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        self.setup()
+        cfg = self.cfg
+        nb = len(self.train_loader)
+        total_iters = nb * self.epochs
+        self.warmup_iters = 0
+        if cfg["warmup_epochs"] > 0:  # at least 100 iterations, but never most of a short run
+            self.warmup_iters = min(max(round(cfg["warmup_epochs"] * nb), 100), max(round(0.3 * total_iters), 1))
+        self.time_limit = cfg["time"] * 3600 if cfg.get("time") else None
+        self.t_start = time.time()
+        self.stop = False
+        self.last_opt_step = getattr(self, "resume_last_opt_step", -1)
+        LOGGER.info(f"train: {len(self.data.train)} images, val: {len(self.data.val)} images, {len(self.names)} "
+                    f"classes, imgsz {cfg['imgsz']}, batch {self.batch_size} (x{self.accumulate} accumulation), "
+                    f"device {self.device}\nLogging results to {self.save_dir}")
+        self.run_callbacks("on_train_start")
+        epoch = self.start_epoch
+        for epoch in range(self.start_epoch, self.epochs):
+            self.epoch = epoch
+            self.run_callbacks("on_epoch_start")
+            train_losses = self.train_epoch()
+            self.scheduler.step()
+            val_model = self.ema.ema if self.ema else self.model
+            metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device,
+                                                 self.amp)
+            self.metrics = metrics
+            fitness = metrics.fitness()
+            improved = self.best_fitness is None or fitness > self.best_fitness
+            if improved:
+                self.best_fitness, self.best_epoch = fitness, epoch
+            self.log_epoch(train_losses, metrics, val_losses)
+            self.save_checkpoints(improved)
+            self.run_callbacks("on_epoch_end")
+            if cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
+                LOGGER.info(f"early stop: no improvement in the last {cfg['patience']} epochs "
+                            f"(best epoch {self.best_epoch + 1})")
+                self.stop = True
+            if self.time_limit and not self.stop:
+                elapsed = time.time() - self.t_start
+                per_epoch = elapsed / (epoch + 1 - self.start_epoch)
+                if elapsed + per_epoch > self.time_limit:
+                    LOGGER.info(f"time limit: {cfg['time']} h reached after epoch {epoch + 1}")
+                    self.stop = True
+            if self.stop:
+                break
+        return self.final()
+
+    def train_epoch(self) -> torch.Tensor:
+        cfg, nb = self.cfg, len(self.train_loader)
+        self.model.train()
+        self.train_loader.generator.manual_seed(cfg["seed"] + self.epoch)  # resume reproduces the data order
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = torch.zeros(len(self.task.loss_names))
+        names = " ".join(f"{n:>9}" for n in self.task.loss_names)
+        LOGGER.info(f"\n{'Epoch':>10}{'GPU_mem':>10} {names} {'img/s':>9}")
+        bar = tqdm(enumerate(self.train_loader), total=nb, dynamic_ncols=True, mininterval=0.5,
+                   bar_format="{l_bar}{bar:10}{r_bar}")
+        t0, seen = time.time(), 0
+        for i, batch in bar:
+            ni = i + nb * self.epoch
+            if ni <= self.warmup_iters:
+                self.warmup(ni)
+            batch = self.task.preprocess(batch, self.device)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                preds = self.model(batch["img"])
+                loss, items = self.task.loss(preds, batch)
+            self.scaler.scale(loss).backward()
+            if ni - self.last_opt_step >= self.accumulate:
+                self.optimizer_step()
+                self.last_opt_step = ni
+            mean_loss = (mean_loss * i + items.detach().float().cpu()) / (i + 1)
+            seen += batch["img"].shape[0]
+            mem = f"{torch.cuda.memory_reserved() / 2**30:.3g}G" if self.device.type == "cuda" else "0G"
+            values = " ".join(f"{float(v):>9.4g}" for v in mean_loss)
+            bar.set_description(f"{self.epoch + 1:>4}/{self.epochs:<5}{mem:>10} {values} "
+                                f"{seen / max(time.time() - t0, 1e-9):>9.1f}")
+            self.run_callbacks("on_batch_end")
+            if self.time_limit and time.time() - self.t_start > self.time_limit:
+                LOGGER.info(f"time limit: {cfg['time']} h reached during epoch {self.epoch + 1}")
+                self.stop = True
+                break
+            if self.epoch == self.start_epoch and i < 3 and cfg["plots"]:
+                self.task.plot_batch(batch, self.names, self.save_dir / f"train_batch{i}.jpg")
+        bar.close()
+        self.train_speed = seen / max(time.time() - t0, 1e-9)
+        return mean_loss
+
+    def warmup(self, ni: int) -> None:
+        """Ramp lr from 0 (bias group: from warmup_bias_lr), momentum from warmup_momentum, accumulation from 1."""
+        cfg, xi = self.cfg, [0, self.warmup_iters]
+        self.accumulate = max(1, int(np.interp(ni, xi, [1, cfg["nbs"] / self.batch_size]).round()))
+        for j, group in enumerate(self.optimizer.param_groups):
+            start = cfg["warmup_bias_lr"] if j == 2 else 0.0
+            group["lr"] = float(np.interp(ni, xi, [start, group["initial_lr"] * self.lf(self.epoch)]))
+            if "momentum" in group:
+                group["momentum"] = float(np.interp(ni, xi, [cfg["warmup_momentum"], cfg["momentum"]]))
+
+    def optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
+
+    # ------------------------------------------------------------------ logging and checkpoints
+    def log_epoch(self, train_losses: torch.Tensor, metrics, val_losses: torch.Tensor) -> None:
+        row = {"epoch": self.epoch + 1}
+        row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, train_losses)})
+        row.update({k: float(v) for k, v in metrics.results().items()})
+        row.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
+        row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
+        row["time"] = round(time.time() - self.t_start + self.elapsed_before, 2)
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.results().items())
+        vloss = "  ".join(f"{n} {float(v):.4g}" for n, v in zip(self.task.loss_names, val_losses))
+        LOGGER.info(f"{'val':>10}  {shown}  val {vloss}  ({self.train_speed:.1f} img/s train)")
+        if self.cfg["plots"]:
+            from vistrain.utils.plotting import plot_results
+
+            plot_results(self.csv)
+
+    @property
+    def elapsed_before(self) -> float:
+        return float(self.resume_ckpt.get("elapsed", 0.0)) if self.resume_ckpt else 0.0
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        model = de_parallel(self.model)
+        infer = self.ema.ema if self.ema else model
+        return {
+            "version": 1, "epoch": self.epoch, "best_fitness": self.best_fitness, "best_epoch": self.best_epoch,
+            "model": {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                      for k, v in infer.state_dict().items()},
+            "train_model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema_updates": self.ema.updates if self.ema else 0, "last_opt_step": self.last_opt_step,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "model_yaml": model.yaml, "task": self.task.name, "names": list(self.names),
+            "imgsz": self.cfg["imgsz"], "train_args": public_args(self.cfg),
+            "metrics": {k: float(v) for k, v in self.metrics.results().items()},
+            "elapsed": time.time() - self.t_start + self.elapsed_before,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoints(self, improved: bool) -> None:
+        ckpt = self.checkpoint_dict()
+        save_checkpoint(ckpt, self.wdir / "last.pt")
+        if improved:
+            save_checkpoint(ckpt, self.wdir / "best.pt")
+
+    def load_training_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["train_model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema:
+            self.ema.ema.load_state_dict(ckpt["model"])
+            self.ema.updates = int(ckpt.get("ema_updates", 0))
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.resume_last_opt_step = int(ckpt.get("last_opt_step", -1))
+        self.best_fitness, self.best_epoch = ckpt.get("best_fitness"), int(ckpt.get("best_epoch", -1))
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"])
+        if self.start_epoch >= self.epochs:
+            raise UserError(f"resume: the run already finished its {self.epochs} epochs; start a new run, or "
+                            f"resume with a larger epochs=")
+        self.scheduler.last_epoch = self.start_epoch - 1
+        self.scheduler.step()
+
+    def final(self) -> dict[str, Any]:
+        """Validate best.pt, print the per-class report, write plots; return the final metrics."""
+        best = self.wdir / "best.pt"
+        hours = (time.time() - self.t_start) / 3600
+        LOGGER.info(f"\n{self.epoch - self.start_epoch + 1} epochs completed in {hours:.3f} hours.")
+        model = self.ema.ema if self.ema else self.model
+        if best.exists():
+            model.load_state_dict(load_checkpoint(best)["model"])
+        metrics, val_losses = run_validation(model, self.val_loader, self.task, self.names, self.device, self.amp,
+                                             plot_dir=self.save_dir if self.cfg["plots"] else None)
+        LOGGER.info(f"Validating {best} (best epoch {self.best_epoch + 1}):")
+        for line in self.task.report(metrics, self.names):
+            LOGGER.info(line)
+        if self.cfg["plots"]:
+            self.task.plot_metrics(metrics, self.names, self.save_dir)
+        LOGGER.info(f"Results saved to {self.save_dir}")
+        self.run_callbacks("on_train_end")
+        results = {**metrics.results(), "fitness": metrics.fitness(), "best_epoch": self.best_epoch + 1,
+                   "epochs_done": self.epoch + 1, "save_dir": str(self.save_dir)}
+        results.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
+        return results

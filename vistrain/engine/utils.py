@@ -1,0 +1,121 @@
+"""Small engine helpers: logging, devices, seeds, run folders, EMA."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+LOGGER = logging.getLogger("vistrain")
+
+
+def setup_logging(verbose: bool = True) -> None:
+    """Plain messages to stdout, once per process (library users keep control of their handlers)."""
+    if getattr(setup_logging, "_done", False):
+        LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
+    LOGGER.propagate = False
+    setup_logging._done = True
+
+
+class UserError(RuntimeError):
+    """An error whose message is meant for the user as it is (a bad path, a bad file, a bad value).
+
+    The CLI prints ``str(e)`` on one line and exits with ``exit_code`` (2 for bad input) without a
+    traceback.
+    """
+
+    exit_code = 2
+
+
+def select_device(device: str | int | None) -> torch.device:
+    """``None``/'' -> cuda:0 if available else cpu; ``0`` -> cuda:0; 'cpu', 'cuda', 'cuda:1'."""
+    if device is None or str(device).strip() == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    s = str(device).strip().lower()
+    if re.fullmatch(r"\d+(,\d+)*", s):
+        s = f"cuda:{s.split(',')[0]}"
+    if s.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device}: CUDA is not available on this machine; use device=cpu")
+    try:
+        return torch.device(s)
+    except RuntimeError:
+        raise UserError(f"device={device}: not a device; use cpu, cuda, cuda:N or N") from None
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.use_deterministic_algorithms(False)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: each worker's numpy/random follow torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
+    """``runs/classify/train`` -> the first of ``train``, ``train2``, ``train3`` ... that is free."""
+    path = Path(path)
+    if exist_ok or not path.exists():
+        return path
+    for n in range(2, 10_000):
+        candidate = path.with_name(f"{path.name}{n}")
+        if not candidate.exists():
+            return candidate
+    raise UserError(f"{path}: too many runs with this name; choose another name=")
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+class ModelEMA:
+    """Exponential moving average of a model's float state (weights and BN statistics).
+
+    The decay ramps up as ``decay * (1 - exp(-updates / tau))`` so early averages follow the
+    fast-changing weights instead of the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        self.ema = copy.deepcopy(de_parallel(model)).eval()
+        self.updates = updates
+        self.decay = decay
+        self.tau = tau
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return self.decay * (1 - math.exp(-self.updates / self.tau))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.current_decay()
+        msd = de_parallel(model).state_dict()
+        for k, v in self.ema.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(msd[k].detach(), alpha=1 - d)

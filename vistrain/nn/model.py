@@ -1,0 +1,139 @@
+"""The model that runs a parsed YAML graph, and ``build_model`` (name / YAML / checkpoint -> module)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+import yaml as pyyaml
+from torch import nn
+
+from vistrain.nn.parser import ModelYAMLError, parse_model, scale_factors
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
+_SCALED_NAME = re.compile(r"^(yolov\d+)([nslmx])(.*)$")
+
+
+class YAMLModel(nn.Module):
+    """A model built from YAML rows. ``forward(x)`` returns the last layer's raw output.
+
+    Attributes: ``yaml`` (the dict it was built from, plain types only, enough to rebuild it),
+    ``task`` (classify / detect / segment), ``layers`` (the ``nn.Sequential`` of rows, stored
+    under the state_dict prefix ``model.`` as ultralytics does).
+    """
+
+    def __init__(self, cfg: dict, in_channels: int = 3):
+        super().__init__()
+        self.yaml = cfg
+        self.model, self.save = parse_model(cfg, in_channels=in_channels, imgsz=cfg.get("imgsz"))
+        self.task = cfg.get("task") or infer_task(cfg)
+
+    @property
+    def layers(self) -> nn.Sequential:
+        return self.model
+
+    def forward(self, x: torch.Tensor):
+        outputs: list[torch.Tensor | None] = []
+        for m in self.model:
+            if m.f != -1:
+                x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
+            x = m(x)
+            outputs.append(x if m.i in self.save else None)
+        return x
+
+
+def infer_task(cfg: dict) -> str:
+    """The task a YAML's last layer implies."""
+    if cfg.get("arch") == "resnet":
+        return "classify"
+    rows = list(cfg.get("backbone") or []) + list(cfg.get("head") or [])
+    last = str(rows[-1][2]).replace("nn.", "") if rows else ""
+    return {"Detect": "detect", "Segment": "segment"}.get(last, "classify")
+
+
+def builtin_models() -> list[str]:
+    """Names accepted by ``build_model``: every YAML stem, plus each scale of scaled YOLO YAMLs."""
+    names = []
+    for p in sorted(MODELS_DIR.glob("*.yaml")):
+        d = pyyaml.safe_load(p.read_text())
+        m = re.match(r"^(yolov\d+)(.*)$", p.stem)
+        if d.get("scales") and m:
+            names += [f"{m.group(1)}{s}{m.group(2)}" for s in d["scales"]]
+        else:
+            names.append(p.stem)
+    return names
+
+
+def load_model_yaml(name_or_path: str | Path) -> dict:
+    """Resolve a built-in name (``resnet50``, ``yolov5s-cls``) or a YAML path to a YAML dict.
+
+    A scaled name picks the scale: ``yolov5s-cls`` -> ``yolov5-cls.yaml`` with ``scale: s``.
+    """
+    s = str(name_or_path)
+    path = Path(s)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            builtin = MODELS_DIR / path.name
+            if not builtin.exists():
+                raise FileNotFoundError(f"{s}: model YAML not found")
+            path = builtin
+        d = pyyaml.safe_load(path.read_text())
+        stem = path.stem
+    else:
+        stem = s
+        path = MODELS_DIR / f"{s}.yaml"
+        if not path.exists():
+            m = _SCALED_NAME.match(s)
+            if not m or not (MODELS_DIR / f"{m.group(1)}{m.group(3)}.yaml").exists():
+                import difflib
+
+                close = difflib.get_close_matches(s, builtin_models(), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise FileNotFoundError(f"model {s!r} is not a built-in model, a YAML or a checkpoint{hint} "
+                                        f"(`vistrain help models` lists them)")
+            path = MODELS_DIR / f"{m.group(1)}{m.group(3)}.yaml"
+        d = pyyaml.safe_load(path.read_text())
+    if not isinstance(d, dict):
+        raise ModelYAMLError(f"{path}: a model YAML must be a mapping")
+    if d.get("scales") and not d.get("scale"):
+        m = _SCALED_NAME.match(stem)
+        d["scale"] = m.group(2) if m and m.group(2) in d["scales"] else next(iter(d["scales"]))
+    d.setdefault("name", stem)
+    return d
+
+
+def model_from_yaml(d: dict, num_classes: int | None = None, imgsz: int | None = None,
+                    in_channels: int = 3) -> nn.Module:
+    """Build a fresh (randomly initialised) model from a YAML dict; ``num_classes``/``imgsz`` override."""
+    d = copy.deepcopy(d)
+    if num_classes is not None:
+        d["nc"] = int(num_classes)
+    if imgsz is not None and d.get("imgsz") is not None:
+        d["imgsz"] = int(imgsz)
+    scale_factors(d, d.get("scale"))  # validates the scale early
+    if d.get("arch") == "resnet":
+        from vistrain.nn.resnet import ResNet
+
+        return ResNet(d, in_channels=in_channels)
+    if d.get("arch") not in (None, "yaml"):
+        raise ModelYAMLError(f"unknown arch {d['arch']!r}; use 'resnet' or leave it out for YAML rows")
+    return YAMLModel(d, in_channels=in_channels)
+
+
+def build_model(name_or_path: str | Path, num_classes: int | None = None, imgsz: int | None = None,
+                in_channels: int = 3) -> nn.Module:
+    """Build a model from a built-in name, a model YAML path, or a vistrain checkpoint (``.pt``).
+
+    >>> build_model("resnet50", num_classes=1000)  # torchvision-compatible keys
+    >>> build_model("yolov5-backbone-cls", num_classes=4, imgsz=224)
+    >>> build_model("runs/classify/train/weights/best.pt")  # weights loaded, in eval mode
+    """
+    s = str(name_or_path)
+    if s.endswith((".pt", ".pth", ".safetensors")):
+        from vistrain.engine.checkpoint import load_model_from_checkpoint
+
+        model, _ = load_model_from_checkpoint(s, num_classes=num_classes)
+        return model.eval()  # trained weights are loaded for inference; call .train() to fine-tune
+    return model_from_yaml(load_model_yaml(s), num_classes=num_classes, imgsz=imgsz, in_channels=in_channels)

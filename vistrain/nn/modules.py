@@ -1,0 +1,209 @@
+"""Building blocks of the YAML models.
+
+Attribute names (``conv``, ``bn``, ``cv1``, ``m`` ...) follow the layout used by
+the ultralytics/yolov5 model files, so that a state_dict produced there for the
+same YAML has the same keys here.  Every activation is a constructor argument:
+nothing in this module is switched process-wide.
+
+Shapes: ``x (Tensor[B, C, H, W])`` unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def autopad(k: int | tuple[int, int], p: int | None = None, d: int = 1) -> int | tuple[int, int]:
+    """Padding that keeps the spatial size for stride 1 ("same"), for kernel ``k`` and dilation ``d``."""
+    if p is not None:
+        return p
+    if isinstance(k, int):
+        k = d * (k - 1) + 1 if d > 1 else k
+        return k // 2
+    return tuple((d * (x - 1) + 1) // 2 for x in k)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": lambda: nn.SiLU(inplace=True),
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=True),
+    "hardswish": lambda: nn.Hardswish(inplace=True),
+    "gelu": lambda: nn.GELU(),
+    "identity": nn.Identity,
+}
+
+
+def make_act(act: bool | str | nn.Module = True) -> nn.Module:
+    """``True`` -> SiLU, ``False``/``None`` -> Identity, a name from ACTIVATIONS, or a module."""
+    if isinstance(act, nn.Module):
+        return act
+    if act is True:
+        return nn.SiLU(inplace=True)
+    if not act:
+        return nn.Identity()
+    try:
+        return ACTIVATIONS[str(act).lower()]()
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class Conv(nn.Module):
+    """Conv2d (no bias) + BatchNorm2d + activation; padding defaults to "same"."""
+
+    def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g: int = 1, d: int = 1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
+        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
+        self.act = make_act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """Two convolutions with an optional residual add (only when ``c1 == c2``)."""
+
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, k=((1, 1), (3, 3)), e: float = 0.5,
+                 act=True):
+        super().__init__()
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden, k[0], 1, act=act)
+        self.cv2 = Conv(hidden, c2, k[1], 1, g=g, act=act)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3(nn.Module):
+    """CSP block with three convolutions: two 1x1 branches, ``n`` bottlenecks on one, then fused."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5, act=True):
+        super().__init__()
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden, 1, 1, act=act)
+        self.cv2 = Conv(c1, hidden, 1, 1, act=act)
+        self.cv3 = Conv(2 * hidden, c2, 1, act=act)
+        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, g, e=1.0, act=act) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class BottleneckCSP(nn.Module):
+    """The CSP bottleneck of YOLOv5 before v4.0: the bottleneck branch and a plain 1x1 branch are
+    concatenated, batch-normalised together and fused."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5, act=True):
+        super().__init__()
+        hidden = int(c2 * e)
+        self.cv1 = Conv(c1, hidden, 1, 1, act=act)
+        self.cv2 = nn.Conv2d(c1, hidden, 1, 1, bias=False)
+        self.cv3 = nn.Conv2d(hidden, hidden, 1, 1, bias=False)
+        self.cv4 = Conv(2 * hidden, c2, 1, 1, act=act)
+        self.bn = nn.BatchNorm2d(2 * hidden, eps=1e-3, momentum=0.03)
+        self.act = make_act(act)
+        self.m = nn.Sequential(*(Bottleneck(hidden, hidden, shortcut, g, e=1.0, act=act) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y1 = self.cv3(self.m(self.cv1(x)))
+        y2 = self.cv2(x)
+        return self.cv4(self.act(self.bn(torch.cat((y1, y2), 1))))
+
+
+class C2f(nn.Module):
+    """YOLOv8's CSP block: split, ``n`` bottlenecks whose every output is kept, one fusing 1x1 conv."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False, g: int = 1, e: float = 0.5, act=True):
+        super().__init__()
+        self.c = int(c2 * e)
+        self.cv1 = Conv(c1, 2 * self.c, 1, 1, act=act)
+        self.cv2 = Conv((2 + n) * self.c, c2, 1, act=act)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, k=((3, 3), (3, 3)), e=1.0, act=act)
+                               for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            ys.append(m(ys[-1]))
+        return self.cv2(torch.cat(ys, 1))
+
+
+class Focus(nn.Module):
+    """Space-to-depth (every 2x2 pixel block to 4 channels) followed by a Conv: the YOLOv5 v3 stem."""
+
+    def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g: int = 1, act=True):
+        super().__init__()
+        self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, C, H, W] -> [B, 4C, H/2, W/2]
+        return self.conv(torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1))
+
+
+class SPP(nn.Module):
+    """Spatial pyramid pooling with parallel max-pools of kernels ``k`` (YOLOv3/v5 v3)."""
+
+    def __init__(self, c1: int, c2: int, k=(5, 9, 13), act=True):
+        super().__init__()
+        hidden = c1 // 2
+        self.cv1 = Conv(c1, hidden, 1, 1, act=act)
+        self.cv2 = Conv(hidden * (len(k) + 1), c2, 1, 1, act=act)
+        self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
+
+
+class SPPF(nn.Module):
+    """SPP-Fast: three chained max-pools of kernel ``k``, equal to SPP(k, 2k-1, 3k-2) and cheaper."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5, act=True):
+        super().__init__()
+        hidden = c1 // 2
+        self.cv1 = Conv(c1, hidden, 1, 1, act=act)
+        self.cv2 = Conv(hidden * 4, c2, 1, 1, act=act)
+        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class Concat(nn.Module):
+    """Concatenate a list of tensors along ``dimension``."""
+
+    def __init__(self, dimension: int = 1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(x, self.d)
+
+
+class Classify(nn.Module):
+    """Classification head: 1x1 Conv to ``hidden`` channels, global average pool, dropout, Linear.
+
+    Input ``x (Tensor[B, c1, H, W])`` (or a list, concatenated after pooling); returns raw logits
+    ``Tensor[B, c2]`` in train and eval mode alike (softmax belongs to post-processing).
+    """
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p=None, g: int = 1, dropout: float = 0.0,
+                 hidden: int = 1280, act=True):
+        super().__init__()
+        self.conv = Conv(c1, hidden, k, s, p, g, act=act)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(p=dropout, inplace=True)
+        self.linear = nn.Linear(hidden, c2)
+
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, list):
+            x = torch.cat(x, 1)
+        return self.linear(self.drop(self.pool(self.conv(x)).flatten(1)))

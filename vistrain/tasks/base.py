@@ -1,0 +1,68 @@
+"""The task plug-in boundary: what the engine asks of classify / detect / segment.
+
+The trainer, validator and predictor are task-agnostic; a task is a small object that knows its
+data, its loss, how its raw model outputs become metrics and predictions, and how to draw them.
+The model stays pure: ``model(x)`` returns raw head tensors, and everything a loss or
+post-processing needs (``num_classes``, strides, anchors) is passed in here, not read off the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class DataBundle:
+    """Datasets of a run. ``names[i]`` is class ``i``; ``summary`` holds lines for the log."""
+
+    train: Dataset | None
+    val: Dataset
+    names: list[str]
+    summary: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+class Metrics(Protocol):
+    def update(self, *args, **kwargs) -> None: ...
+    def results(self) -> dict[str, float]: ...
+    def fitness(self) -> float: ...
+
+
+class Task(Protocol):
+    name: str                      # "classify", "detect", "segment"
+    loss_names: tuple[str, ...]    # names of the loss items, e.g. ("box", "obj", "cls")
+    metric_keys: tuple[str, ...]   # columns of results.csv after the losses
+
+    def build_data(self, cfg: dict, need_train: bool = True) -> DataBundle: ...
+    def default_model(self) -> str: ...
+    def collate_fn(self, samples: list) -> dict[str, Any]: ...
+    def preprocess(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]: ...
+    def loss(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def new_metrics(self, names: list[str]) -> Metrics: ...
+    def update_metrics(self, metrics: Metrics, preds: Any, batch: dict[str, Any]) -> None: ...
+    def report(self, metrics: Metrics, names: list[str]) -> list[str]: ...
+    def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None: ...
+    def plot_metrics(self, metrics: Metrics, names: list[str], save_dir: Path) -> None: ...
+    def predict_preprocess(self, image, imgsz: int) -> torch.Tensor: ...
+    def predict_postprocess(self, preds: Any, cfg: dict) -> list[Any]: ...
+
+
+def get_task(name: str) -> Task:
+    """Instantiate the task plug-in called ``name``."""
+    if name == "classify":
+        from vistrain.tasks.classify import ClassifyTask
+
+        return ClassifyTask()
+    from vistrain.engine.utils import UserError
+
+    raise UserError(f"task={name}: not available yet in this version (available: classify)")
+
+
+def model_task(model: nn.Module) -> str:
+    return getattr(model, "task", "classify")
