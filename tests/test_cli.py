@@ -57,3 +57,29 @@ def test_summary_of_tutorial_classifier(capsys):
     assert "Total params: 21,729,592" in out
     assert "[-1, 64, 113, 113]" in out and "[-1, 1024, 8, 8]" in out
     assert "GFLOPs:" in out and "Estimated Total Size (MB):" in out
+
+
+def test_data_make_writes_every_layout(tmp_path, capsys):
+    assert main(["data", "make", f"out={tmp_path / 'shapes'}", "n=12", "imgsz=64", "seed=3", "workers=1"]) == 0
+    root = tmp_path / "shapes"
+    assert "written to" in capsys.readouterr().out
+    for sub in ["classify/train", "classify/val", "detect/images/train", "detect/labels/val", "segment/labels/train",
+                "voc/Annotations", "data.yaml"]:
+        assert (root / sub).exists(), sub
+    assert main(["data", "bake"]) == 2
+
+
+def test_predict_sources_folder_glob_and_missing(tmp_path):
+    from vistrain.engine.predictor import resolve_sources
+    from vistrain.engine.utils import UserError
+
+    (tmp_path / "imgs").mkdir()
+    for name in ["b.jpg", "a.png", "notes.txt"]:
+        (tmp_path / "imgs" / name).write_bytes(b"x")
+    assert [p.name for p in resolve_sources(str(tmp_path / "imgs"))] == ["a.png", "b.jpg"]
+    assert [p.name for p in resolve_sources(str(tmp_path / "imgs" / "*.jpg"))] == ["b.jpg"]
+    assert len(resolve_sources([str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs")])) == 3
+    with pytest.raises(UserError, match="no such file"):
+        resolve_sources(str(tmp_path / "nope.jpg"))
+    with pytest.raises(UserError, match="no images found"):
+        resolve_sources(str(tmp_path / "imgs" / "*.gif"))

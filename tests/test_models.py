@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
+
+import vistrain.nn.model
 
 from vistrain import build_model
 from vistrain.nn.model import builtin_models, load_model_yaml
@@ -23,16 +27,24 @@ def test_builtin_list_complete():
         assert name in ALL
 
 
+def output_shapes(out) -> list[tuple[int, ...]]:
+    return [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else [tuple(out.shape)]
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_builds_and_runs(name):
     imgsz = 64
     model = build_model(name, num_classes=3, imgsz=imgsz).eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, imgsz, imgsz))
-    assert out.shape == (2, 3)
-    assert torch.isfinite(out).all()
+    if model.task == "classify":
+        expected = [(2, 3)]
+    else:  # anchor-based detect: [B, anchors, H, W, 5 + nc] per stride 8 / 16 / 32
+        expected = [(2, 3, imgsz // s, imgsz // s, 8) for s in (8, 16, 32)]
+    assert output_shapes(out) == expected
+    assert all(torch.isfinite(o).all() for o in (out if isinstance(out, list) else [out]))
     model.train()
-    assert model(torch.rand(2, 3, imgsz, imgsz)).shape == (2, 3)  # same return type in train mode
+    assert output_shapes(model(torch.rand(2, 3, imgsz, imgsz))) == expected  # same return type in train mode
 
 
 @pytest.mark.parametrize("depth,count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
@@ -76,6 +88,42 @@ def test_tutorial_backbone_classifier():
 def test_yolov5_cls_scales_match_published_sizes(scale, approx):
     # yolov5 v7.0 README: yolov5{n,s,m,l,x}-cls have 2.5M / 5.4M / 12.9M / 26.5M / 48.1M params (1000 classes)
     assert abs(n_params(build_model(f"yolov5{scale}-cls", num_classes=1000)) - approx) < 0.06e6
+
+
+@pytest.mark.parametrize("name,count", [("yolov5n", 1_872_157), ("yolov5s", 7_235_389), ("yolov5m", 21_190_557),
+                                        ("yolov5l", 46_563_709), ("yolov5x", 86_749_405)])
+def test_yolov5_detect_param_counts(name, count):
+    # the reference yolov5 v7.0 models at 80 classes
+    model = build_model(name, num_classes=80)
+    assert n_params(model) == count
+    head = model.layers[-1]
+    assert head.stride.tolist() == [8.0, 16.0, 32.0]
+    # anchors kept per level, in stride units: P3 anchors (10,13) / 8
+    assert torch.allclose(head.anchors[0, 0], torch.tensor([10 / 8, 13 / 8]))
+    assert torch.allclose(head.anchors[2, 2] * 32, torch.tensor([373.0, 326.0]))
+
+
+def test_yolov5_v3_layout_matches_tutorial_table():
+    assert n_params(build_model("yolov5x-v3", num_classes=1)) == 88_433_654
+    model = build_model("yolov5s-v3", num_classes=1)
+    assert [m.type for m in model.layers][:3] == ["Focus", "Conv", "BottleneckCSP"]
+    assert model.layers[8].type == "SPP"
+
+
+def test_detect_bias_prior_and_user_anchors(tmp_path):
+    import math
+
+    import yaml
+
+    model = build_model("yolov5n", num_classes=2)
+    bias = model.layers[-1].m[0].bias.view(3, -1)  # stride 8 level
+    assert torch.allclose(bias[:, 4], torch.full((3,), math.log(8 / (640 / 8) ** 2)), atol=0.2)
+    d = yaml.safe_load((Path(vistrain.nn.model.MODELS_DIR) / "yolov5.yaml").read_text())
+    d["anchors"] = [[5, 6, 8, 14, 15, 11], [20, 30, 40, 25, 35, 70], [80, 60, 120, 150, 300, 250]]
+    p = tmp_path / "custom.yaml"
+    p.write_text(yaml.safe_dump(d))
+    custom = build_model(str(p), num_classes=2)
+    assert torch.allclose(custom.layers[-1].anchors[0, 0] * 8, torch.tensor([5.0, 6.0]))
 
 
 def test_scaled_name_resolves_scale():

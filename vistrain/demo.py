@@ -16,7 +16,8 @@ def main() -> None:
     t0 = time.time()
     root = ensure_dataset()
     print(f"[demo] built-in dataset: {root} ({time.time() - t0:.1f}s)")
-    results = vistrain.train(model="yolov5n-cls", imgsz=64, epochs=8, batch=32, workers=2, name="demo")
+    # nbs=32: one optimizer step per batch of 32 (the default nbs=64 would accumulate two)
+    results = vistrain.train(model="yolov5n-cls", imgsz=64, epochs=12, batch=32, nbs=32, workers=2, name="demo")
     run = results["save_dir"]
     best = f"{run}/weights/best.pt"
     metrics = vistrain.val(model=best, name="demo-val")

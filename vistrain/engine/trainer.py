@@ -198,6 +198,8 @@ class Trainer:
         self.train_loader.generator.manual_seed(cfg["seed"] + self.epoch)  # resume reproduces the data order
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = torch.zeros(len(self.task.loss_names))
+        train_metric_names = getattr(self.task, "train_metric_names", ())
+        self.train_metric_means = torch.zeros(len(train_metric_names))
         names = " ".join(f"{n:>9}" for n in self.task.loss_names)
         LOGGER.info(f"\n{'Epoch':>10}{'GPU_mem':>10} {names} {'img/s':>9}")
         bar = tqdm(enumerate(self.train_loader), total=nb, dynamic_ncols=True, mininterval=0.5,
@@ -216,6 +218,9 @@ class Trainer:
                 self.optimizer_step()
                 self.last_opt_step = ni
             mean_loss = (mean_loss * i + items.detach().float().cpu()) / (i + 1)
+            if train_metric_names:
+                batch_metrics = self.task.train_metrics(preds, batch).float().cpu()
+                self.train_metric_means = (self.train_metric_means * i + batch_metrics) / (i + 1)
             seen += batch["img"].shape[0]
             mem = f"{torch.cuda.memory_reserved() / 2**30:.3g}G" if self.device.type == "cuda" else "0G"
             values = " ".join(f"{float(v):>9.4g}" for v in mean_loss)
@@ -256,6 +261,8 @@ class Trainer:
     def log_epoch(self, train_losses: torch.Tensor, metrics, val_losses: torch.Tensor) -> None:
         row = {"epoch": self.epoch + 1}
         row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, train_losses)})
+        row.update({f"train/{n}": float(v) for n, v in zip(getattr(self.task, "train_metric_names", ()),
+                                                            self.train_metric_means)})
         row.update({k: float(v) for k, v in metrics.results().items()})
         row.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
         row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})

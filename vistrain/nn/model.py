@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import yaml as pyyaml
 from torch import nn
 
+from vistrain.nn.modules import Detect
 from vistrain.nn.parser import ModelYAMLError, parse_model, scale_factors
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
@@ -29,6 +31,27 @@ class YAMLModel(nn.Module):
         self.yaml = cfg
         self.model, self.save = parse_model(cfg, in_channels=in_channels, imgsz=cfg.get("imgsz"))
         self.task = cfg.get("task") or infer_task(cfg)
+        head = self.model[-1]
+        if isinstance(head, Detect):
+            self._init_detect(head, in_channels)
+
+    def _init_detect(self, head: Detect, in_channels: int, probe: int = 256) -> None:
+        """Find the strides by a forward pass, express anchors in stride units, set the bias priors."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()
+            outs = self.forward(torch.zeros(1, in_channels, probe, probe))
+            self.train(was)
+        head.stride = torch.tensor([probe / o.shape[2] for o in outs], dtype=torch.float32)
+        order = head.anchors.prod(-1).mean(-1)  # anchor area per level must grow with stride
+        if (order[-1] - order[0]).sign() != (head.stride[-1] - head.stride[0]).sign():
+            head.anchors[:] = head.anchors.flip(0)
+        head.anchors /= head.stride.view(-1, 1, 1)
+        for conv, s in zip(head.m, head.stride):
+            b = conv.bias.view(head.na, -1)
+            with torch.no_grad():
+                b[:, 4] += math.log(8 / (640 / float(s)) ** 2)  # about 8 objects per 640 px image
+                b[:, 5:5 + head.nc] += math.log(0.6 / (head.nc - 0.99999))  # class prior
 
     @property
     def layers(self) -> nn.Sequential:

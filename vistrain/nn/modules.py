@@ -207,3 +207,31 @@ class Classify(nn.Module):
         if isinstance(x, list):
             x = torch.cat(x, 1)
         return self.linear(self.drop(self.pool(self.conv(x)).flatten(1)))
+
+
+class Detect(nn.Module):
+    """Anchor-based YOLOv5 detection head: one 1x1 conv per level to ``na * (nc + 5)`` channels.
+
+    ``forward(xs: list[Tensor[B, ch_i, H_i, W_i]]) -> list[Tensor[B, na, H_i, W_i, nc + 5]]`` raw
+    (un-activated) predictions, in train and eval mode alike; decoding with ``anchors`` and
+    ``stride`` is post-processing (``vistrain.ops``). ``anchors`` (a buffer, as in yolov5's files)
+    holds the anchor sizes per level in units of that level's stride once ``stride`` is known.
+    """
+
+    def __init__(self, nc: int = 80, anchors=(), ch: tuple[int, ...] = ()):
+        super().__init__()
+        self.nc = nc
+        self.no = nc + 5
+        self.nl = len(anchors)
+        self.na = len(anchors[0]) // 2
+        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
+        self.register_buffer("stride", torch.zeros(self.nl), persistent=False)
+        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, x in enumerate(xs):
+            y = self.m[i](x)
+            b, _, h, w = y.shape
+            out.append(y.view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2).contiguous())
+        return out

@@ -32,6 +32,7 @@ REGISTRY: dict[str, type[nn.Module]] = {
     "SPPF": M.SPPF,
     "Concat": M.Concat,
     "Classify": M.Classify,
+    "Detect": M.Detect,
     "Upsample": nn.Upsample,
     "Flatten": nn.Flatten,
     "Linear": nn.Linear,
@@ -81,8 +82,10 @@ def scale_factors(d: dict, scale: str | None) -> tuple[float, float, float, str 
 
 
 def _resolve_args(args: list, d: dict) -> list:
-    """Replace bare names that are top-level YAML keys (``nc``, ``anchors``) by their values."""
-    return [d[a] if isinstance(a, str) and a in d and a not in ("nearest", "bilinear") else a for a in args]
+    """Replace bare names that are top-level YAML keys (``nc``, ``anchors``) by their values, and the
+    Python spelling ``None`` (ultralytics YAMLs use it) by None."""
+    return [None if a == "None" else d[a] if isinstance(a, str) and a in d and a not in ("nearest", "bilinear")
+            else a for a in args]
 
 
 def parse_model(d: dict, in_channels: int = 3, imgsz: int | None = None, verbose: bool = False
@@ -131,6 +134,16 @@ def parse_model(d: dict, in_channels: int = 3, imgsz: int | None = None, verbose
         elif cls is M.Classify:
             c2 = args[0]
             args = [c_in, *args]
+        elif cls is M.Detect:
+            if len(args) < 2:
+                raise ModelYAMLError(f"layer {i}: Detect needs [nc, anchors]")
+            anchors = args[1]
+            if isinstance(anchors, int):  # number of anchors per level, sizes found later by autoanchor
+                anchors = [list(range(anchors * 2))] * len(f)
+            if len(anchors) != len(f):
+                raise ModelYAMLError(f"layer {i}: {len(anchors)} anchor rows for {len(f)} input levels")
+            args = [args[0], anchors, [ch[x] for x in f]]
+            c2 = None
         elif cls is M.Concat:
             c2 = sum(ch[x] for x in f)
         elif cls is nn.Linear:

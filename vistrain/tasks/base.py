@@ -52,6 +52,9 @@ class Task(Protocol):
     def predict_preprocess(self, image, imgsz: int) -> torch.Tensor: ...
     def predict_postprocess(self, preds: Any, cfg: dict) -> list[Any]: ...
 
+    # optional: ``train_metric_names`` + ``train_metrics(preds, batch) -> Tensor`` give per-epoch
+    # training-set metrics (e.g. classification accuracy) logged as train/NAME beside metrics/NAME.
+
 
 def get_task(name: str) -> Task:
     """Instantiate the task plug-in called ``name``."""

@@ -56,7 +56,6 @@ class ClassifyTask:
             raise UserError(f"data={root}: no validation images found")
         if need_train and len(train) == 0:
             raise UserError(f"data={root}: no training images found")
-        skipped = len(train_idx.skipped) + len(val_idx.skipped)
         return DataBundle(train, val, list(train_idx.names), summary, source=str(path))
 
     def collate_fn(self, samples: list) -> dict[str, Any]:
@@ -72,6 +71,12 @@ class ClassifyTask:
         """Mean cross-entropy; returns ``(loss to backpropagate, Tensor[1] for the log)``."""
         loss = F.cross_entropy(preds.float(), batch["cls"], label_smoothing=self.label_smoothing)
         return loss, loss.detach().reshape(1)
+
+    train_metric_names = ("accuracy_top1",)
+
+    def train_metrics(self, preds: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Top-1 accuracy of a training batch (augmented, train mode), for the train/val curves."""
+        return (preds.detach().argmax(1) == batch["cls"]).float().mean().reshape(1)
 
     def new_metrics(self, names: list[str]) -> ClassifyMetrics:
         return ClassifyMetrics(len(names))

@@ -104,8 +104,9 @@ def plot_results(csv_path: str | Path, path: str | Path | None = None) -> None:
     if not cols.get("epoch"):
         return
     epochs = cols["epoch"]
-    losses = [k[len("train/"):] for k in cols if k.startswith("train/")]
     metrics = [k for k in cols if k.startswith("metrics/")]
+    train_metrics = {f"train/{m.split('/', 1)[1]}" for m in metrics}
+    losses = [k[len("train/"):] for k in cols if k.startswith("train/") and k not in train_metrics]
     panels = len(losses) + len(metrics)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.5), tight_layout=True, squeeze=False)
     axes = axes[0]
@@ -117,8 +118,12 @@ def plot_results(csv_path: str | Path, path: str | Path | None = None) -> None:
         ax.set_xlabel("epoch")
         ax.legend()
     for ax, name in zip(axes[len(losses):], metrics):
-        ax.plot(epochs, cols[name], marker=".", color="tab:green")
-        ax.set_title(name.replace("metrics/", ""))
+        short = name.split("/", 1)[1]
+        if f"train/{short}" in cols:
+            ax.plot(epochs, cols[f"train/{short}"], marker=".", label="train")
+        ax.plot(epochs, cols[name], marker=".", label="val")
+        ax.set_title(short)
         ax.set_xlabel("epoch")
+        ax.legend()
     fig.savefig(path or Path(csv_path).with_name("results.png"), dpi=120)
     plt.close(fig)
