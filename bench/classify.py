@@ -15,8 +15,8 @@ A "step" is everything between the end of one batch and the end of the next: wai
 batch from the dataloader, forward, loss, backward, optimizer step (vistrain: plus grad clipping,
 EMA update, progress bar; measured between ``on_batch_end`` callbacks).  The first ``--warmup``
 steps of every run are not timed (worker start-up, allocator warm-up); the next ``--steps`` are.
-The runs alternate (torchvision, vistrain, vistrain-no-EMA, torchvision, ...) in one process and
-each side reports the median of its per-run throughputs.  vistrain's run is stopped right after
+The runs alternate in one process, in counterbalanced order (torchvision, vistrain, vistrain-no-EMA,
+then the reverse, ...), and each side reports the median of its per-run throughputs.  vistrain's run is stopped right after
 its timed steps (from the callback), so validation and checkpointing never enter the timing.
 
 Other processes on the machine skew the numbers: the script first waits (up to ``--max-wait``
@@ -41,6 +41,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import torch
 import torchvision
 from PIL import Image
@@ -167,9 +172,11 @@ class StepClock:
         n = len(self.stamps) + 1
         if n == self.warmup:
             self.cpu.start()  # the /proc scan happens before the window opens
+            self.ru0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
         self.stamps.append(time.perf_counter())
         if n <= self.warmup:
             return False
+        self.ru1 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
         self.other = self.cpu.share()  # after the stamp: its cost falls on the next step, if any
         if n >= self.need:
             return True
@@ -183,8 +190,13 @@ class StepClock:
         timed = len(self.stamps) - self.warmup
         t0, t1 = self.stamps[self.warmup - 1], self.stamps[-1]
         steps = np.diff(self.stamps[self.warmup - 1:])
+        ru = {}
+        if getattr(self, "ru0", None) and getattr(self, "ru1", None):  # the main process only, not workers
+            ru = {"main_user_s_per_step": (self.ru1.ru_utime - self.ru0.ru_utime) / timed,
+                  "main_sys_s_per_step": (self.ru1.ru_stime - self.ru0.ru_stime) / timed,
+                  "main_page_faults_per_step": (self.ru1.ru_minflt - self.ru0.ru_minflt) / timed}
         return {"img_per_s": timed * batch / (t1 - t0), "timed_steps": timed, "seconds": t1 - t0,
-                "step_s_median": float(np.median(steps)), "step_s_max": float(steps.max()),
+                "step_s_median": float(np.median(steps)), "step_s_max": float(steps.max()), **ru,
                 "other_cpu_share": self.other, "abandoned": self.abandoned}
 
 
@@ -343,7 +355,8 @@ def main(argv=None) -> int:
         print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
         t_start = time.time()
         for r in range(args.repeats):
-            for side in sides:
+            # counterbalanced order (A B C, C B A, ...): no side always runs right after the same one
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 for attempt in range(args.retries + 1):
                     last = attempt == args.retries
                     if side == "torchvision":
@@ -357,8 +370,9 @@ def main(argv=None) -> int:
                     if busy:
                         mark = (f"  DISCARDED after {res['timed_steps']} steps: machine busy" if not last
                                 else "  (machine busy; kept, out of retries)")
+                    sys_s = f", main sys {res['main_sys_s_per_step']:.2f} s/step" if "main_sys_s_per_step" in res else ""
                     print(f"  run {r + 1}/{args.repeats} {side:<20} {res['img_per_s']:7.2f} img/s "
-                          f"(median step {res['step_s_median']:.2f} s{other}){mark}", flush=True)
+                          f"(median step {res['step_s_median']:.2f} s{sys_s}{other}){mark}", flush=True)
                     if busy and not last:
                         discarded[side].append(res)
                         wait_for_idle(args.max_other, args.max_wait)
