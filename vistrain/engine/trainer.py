@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -325,7 +326,9 @@ class Trainer:
             raise UserError(f"resume: the run already finished its {self.epochs} epochs; start a new run, or "
                             f"resume with a larger epochs=")
         self.scheduler.last_epoch = self.start_epoch - 1
-        self.scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended on resume
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def final(self) -> dict[str, Any]:
         """Validate best.pt, print the per-class report, write plots; return the final metrics."""

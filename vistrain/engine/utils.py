@@ -18,12 +18,20 @@ from torch import nn
 LOGGER = logging.getLogger("vistrain")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (so redirection and capture keep working)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 def setup_logging(verbose: bool = True) -> None:
     """Plain messages to stdout, once per process (library users keep control of their handlers)."""
     if getattr(setup_logging, "_done", False):
         LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.INFO if verbose else logging.WARNING)
