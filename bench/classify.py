@@ -94,6 +94,24 @@ def _machine_busy() -> int:
     return sum(vals) - vals[3] - vals[4]  # all but idle and iowait, clock ticks
 
 
+def keep_freed_memory() -> None:
+    """glibc: serve every allocation from the heap and never give freed memory back to the OS.
+
+    By default glibc maps allocations above 32 MiB (and, depending on its history, smaller ones)
+    with mmap and unmaps them on free, so each training step page-faults its large activation
+    buffers in again (hundreds of thousands of faults per ResNet-50 step here).  How many depends on
+    the allocator's history, which makes step times of otherwise identical loops differ by 10%+.
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    if not ok:
+        raise SystemExit("--malloc-keep: mallopt failed (glibc only)")
+
+
 class CpuMonitor:
     """How much CPU processes other than this one and its children (dataloader workers) take.
 
@@ -320,6 +338,10 @@ def parse_args(argv=None):
     p.add_argument("--max-other", type=float, default=0.10,
                    help="a run during which other processes used more than this share of the CPUs is repeated")
     p.add_argument("--retries", type=int, default=3, help="repeats of a run spoilt by other processes (default 3)")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="diagnostic, glibc only: keep freed memory in the process (mallopt M_MMAP_MAX=0, "
+                        "M_TRIM_THRESHOLD=2 GiB) so steps do not page-fault their activations back in; "
+                        "not what users run")
     p.add_argument("--show-progress", action="store_true", help="let vistrain's progress bar print")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON results (default {RESULTS}; --quick: {QUICK_RESULTS.name} beside it)")
@@ -336,6 +358,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.malloc_keep:
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
