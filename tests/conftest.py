@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# label caches of test datasets never land in the user's ~/.cache
+os.environ.setdefault("VISTRAIN_CACHE", tempfile.mkdtemp(prefix="vistrain-test-cache-"))
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

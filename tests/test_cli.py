@@ -81,5 +81,5 @@ def test_predict_sources_folder_glob_and_missing(tmp_path):
     assert len(resolve_sources([str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs")])) == 3
     with pytest.raises(UserError, match="no such file"):
         resolve_sources(str(tmp_path / "nope.jpg"))
-    with pytest.raises(UserError, match="no images found"):
+    with pytest.raises(UserError, match="no images or videos found"):
         resolve_sources(str(tmp_path / "imgs" / "*.gif"))

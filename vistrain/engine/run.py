@@ -79,7 +79,10 @@ def get_task_for(cfg: dict, model_task: str):
     if cfg.get("task") and cfg["task"] != model_task:
         raise UserError(f"task={cfg['task']} but model={cfg['model']} is a {model_task} model")
     cfg["task"] = model_task
-    return get_task(model_task)
+    task = get_task(model_task)
+    if hasattr(task, "apply_defaults"):
+        task.apply_defaults(cfg, user_keys(cfg))
+    return task
 
 
 def resolve_task_and_model(cfg: dict, need_model: bool = True):

@@ -89,11 +89,15 @@ class Trainer:
         model_yaml = self.resume_ckpt["model_yaml"] if self.resume_ckpt else model_yaml
         self.model = build_run_model(cfg, model_yaml, None if self.resume_ckpt else ckpt, len(self.names))
         self.model.to(self.device)
+        if hasattr(self.task, "setup_model"):  # e.g. detection: autoanchor, the loss's anchors and strides
+            self.task.setup_model(self.model, self.data, cfg, train=self.resume_ckpt is None)
+        if cfg["plots"] and hasattr(self.task, "plot_labels") and not self.resume_ckpt:
+            self.task.plot_labels(self.data.train, self.names, self.save_dir)
         self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"], shuffle=True,
-                                        seed=cfg["seed"], device=self.device)
+        self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
+                                        shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
         self.val_loader = make_loader(self.data.val, self.task, cfg["batch"], cfg["workers"], shuffle=False,
                                       device=self.device)
         self.epochs = cfg["epochs"]
@@ -166,6 +170,9 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
             self.run_callbacks("on_epoch_start")
+            if hasattr(self.task, "epoch_start") and self.task.epoch_start(self):
+                self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
+                                                shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
             train_losses = self.train_epoch()
             self.scheduler.step()
             val_model = self.ema.ema if self.ema else self.model
@@ -301,6 +308,7 @@ class Trainer:
             "metrics": {k: float(v) for k, v in self.metrics.results().items()},
             "elapsed": time.time() - self.t_start + self.elapsed_before,
             "rng": torch.get_rng_state(),
+            "task_state": self.task.state() if hasattr(self.task, "state") else {},
         }
 
     def save_checkpoints(self, improved: bool) -> None:

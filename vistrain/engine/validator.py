@@ -75,6 +75,8 @@ def val(cfg: dict) -> dict[str, Any]:
         raise UserError(f"data={data.source}: its classes {names} differ from the model's {list(ckpt['names'])}")
     loader = make_loader(data.val, task, cfg["batch"], cfg["workers"], shuffle=False, device=device)
     model = model.to(device)
+    if hasattr(task, "setup_model"):
+        task.setup_model(model, data, cfg, train=False)
     t0 = time.time()
     metrics, losses = run_validation(model, loader, task, names, device, plot_dir=save_dir if cfg["plots"] else None)
     results = {**metrics.results(), **{f"val/{k}": float(v) for k, v in zip(task.loss_names, losses)},
@@ -87,5 +89,7 @@ def val(cfg: dict) -> dict[str, Any]:
         task.plot_metrics(metrics, names, save_dir)
     if cfg["save_json"]:
         (save_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        if hasattr(task, "save_json"):
+            task.save_json(metrics, save_dir)
     results["save_dir"] = str(save_dir)
     return results

@@ -49,9 +49,19 @@ class Task(Protocol):
     def report(self, metrics: Metrics, names: list[str]) -> list[str]: ...
     def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None: ...
     def plot_metrics(self, metrics: Metrics, names: list[str], save_dir: Path) -> None: ...
-    def predict_preprocess(self, image, imgsz: int) -> torch.Tensor: ...
-    def predict_postprocess(self, preds: Any, cfg: dict) -> list[Any]: ...
+    # prediction: one input picture (PIL, RGB) -> (Tensor[3, h, w], meta for postprocess)
+    def predict_preprocess(self, image, imgsz: int) -> tuple[torch.Tensor, Any]: ...
+    def predict_postprocess(self, preds: Any, cfg: dict, metas: list) -> list[Any]: ...
+    def make_result(self, path: str, names: list[str], image, out: Any) -> Any: ...  # -> predictor.Result
+    def describe(self, result: Any, cfg: dict) -> str: ...  # one log line
+    def draw(self, result: Any, image) -> Any: ...  # annotated PIL image
+    def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None: ...
 
+    # optional hooks: ``apply_defaults(cfg, user_keys)`` (task defaults for keys the user left alone),
+    # ``setup_model(model, data, cfg, train)`` (attach loss state, e.g. anchors; autoanchor before training),
+    # ``epoch_start(trainer) -> bool`` (True: the train dataset changed, rebuild the loader),
+    # ``state() -> dict`` (stored in checkpoints), ``save_json(metrics, save_dir)`` (val save_json=True),
+    # ``plot_labels(dataset, names, save_dir)``.
     # optional: ``train_metric_names`` + ``train_metrics(preds, batch) -> Tensor`` give per-epoch
     # training-set metrics (e.g. classification accuracy) logged as train/NAME beside metrics/NAME.
 
@@ -62,9 +72,13 @@ def get_task(name: str) -> Task:
         from vistrain.tasks.classify import ClassifyTask
 
         return ClassifyTask()
+    if name == "detect":
+        from vistrain.tasks.detect import DetectTask
+
+        return DetectTask()
     from vistrain.engine.utils import UserError
 
-    raise UserError(f"task={name}: not available yet in this version (available: classify)")
+    raise UserError(f"task={name}: not available yet in this version (available: classify, detect)")
 
 
 def model_task(model: nn.Module) -> str:

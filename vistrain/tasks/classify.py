@@ -111,11 +111,30 @@ class ClassifyTask:
         plot_confusion_matrix(metrics.matrix, names, save_dir / "confusion_matrix.png")
 
     # --- prediction ---------------------------------------------------------------------
-    def predict_preprocess(self, image, imgsz: int) -> torch.Tensor:
+    def predict_preprocess(self, image, imgsz: int) -> tuple[torch.Tensor, None]:
         from vistrain.data.classify import eval_transform
 
-        return eval_transform(image, imgsz)
+        return eval_transform(image, imgsz), None
 
-    def predict_postprocess(self, preds: torch.Tensor, cfg: dict) -> list[torch.Tensor]:
+    def predict_postprocess(self, preds: torch.Tensor, cfg: dict, metas: list) -> list[torch.Tensor]:
         """Raw logits ``Tensor[B, C]`` -> one probability vector ``Tensor[C]`` per image."""
         return list(preds.float().softmax(1).cpu())
+
+    def make_result(self, path: str, names: list[str], image, out: torch.Tensor):
+        from vistrain.engine.predictor import Result
+
+        return Result(path, names, (image.height, image.width), probs=out)
+
+    def describe(self, result, cfg: dict) -> str:
+        return ", ".join(f"{n} {c:.2f}" for n, c in result.topk(cfg["topk"]))
+
+    def draw(self, result, image):
+        from vistrain.utils.plotting import draw_label
+
+        name, conf = result.top1
+        return draw_label(image, f"{name} {conf:.2f}")
+
+    def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
+        from vistrain.engine.predictor import write_classify_predictions
+
+        write_classify_predictions(results, save_dir, cfg["topk"], cfg["save_json"])

@@ -127,3 +127,65 @@ def plot_results(csv_path: str | Path, path: str | Path | None = None) -> None:
         ax.legend()
     fig.savefig(path or Path(csv_path).with_name("results.png"), dpi=120)
     plt.close(fig)
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    """A distinct, stable colour for class ``i``."""
+    palette = ((255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (146, 204, 23), (52, 69, 147),
+               (255, 178, 29), (207, 210, 49), (100, 115, 255), (255, 55, 199), (26, 147, 52), (0, 24, 236))
+    return palette[int(i) % len(palette)]
+
+
+def draw_boxes(image: Image.Image, boxes, names: list[str], show_conf: bool = True, width: int | None = None) -> Image.Image:
+    """Copy of ``image`` with ``boxes (Tensor/array[K, 6])`` (x1, y1, x2, y2, score, class, pixels) drawn."""
+    image = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(image)
+    width = width or max(1, round(max(image.size) / 300))
+    font = _font(max(10, min(image.size) // 25))
+    for x1, y1, x2, y2, score, c in np.asarray(boxes, dtype=np.float64).reshape(-1, 6):
+        col = colour(int(c))
+        draw.rectangle((x1, y1, x2, y2), outline=col, width=width)
+        name = names[int(c)] if 0 <= int(c) < len(names) else str(int(c))
+        text = f"{name} {score:.2f}" if show_conf else name
+        tx0, ty0, tx1, ty1 = draw.textbbox((x1, y1), text, font=font)
+        top = y1 - (ty1 - ty0) - 2 if y1 - (ty1 - ty0) - 2 >= 0 else y1
+        draw.rectangle((x1, top, x1 + tx1 - tx0 + 4, top + ty1 - ty0 + 2), fill=col)
+        draw.text((x1 + 2, top - (ty0 - y1)), text, fill=(255, 255, 255), font=font)
+    return image
+
+
+def plot_detections(images: torch.Tensor, boxes: list, names: list[str], path: str | Path, show_conf: bool = True,
+                    max_images: int = 16) -> None:
+    """``images (Tensor[B, 3, H, W] uint8)`` in a grid, each with its ``boxes[i] (Tensor[K, 6])`` drawn."""
+    images = images[:max_images]
+    if len(images) == 0:
+        return
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w = images.shape[2:]
+    scale = max(1.0, 256 / max(h, w))
+    tw, th = round(w * scale), round(h * scale)
+    grid = Image.new("RGB", (cols * tw, rows * th), (114, 114, 114))
+    for i, img in enumerate(images):
+        tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((tw, th), Image.BILINEAR)
+        b = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 6).copy() if i < len(boxes) else np.zeros((0, 6))
+        b[:, :4] *= scale
+        grid.paste(draw_boxes(tile, b, names, show_conf, width=2), ((i % cols) * tw, (i // cols) * th))
+    grid.save(path, quality=90)
+
+
+def plot_label_distribution(cls: np.ndarray, boxes: np.ndarray, names: list[str], path: str | Path) -> None:
+    """Instances per class, box centres and box sizes (normalised ``boxes (ndarray[N, 4])`` cx, cy, w, h)."""
+    plt = _plt()
+    fig, ax = plt.subplots(1, 3, figsize=(12, 4), tight_layout=True)
+    counts = np.bincount(cls.astype(int), minlength=len(names)) if len(cls) else np.zeros(len(names), int)
+    ax[0].bar(range(len(names)), counts, color=[np.array(colour(i)) / 255 for i in range(len(names))])
+    ax[0].set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
+    ax[0].set_ylabel("instances")
+    for a, (i, j), labels in ((ax[1], (0, 1), ("x", "y", "box centres")), (ax[2], (2, 3), ("width", "height", "box sizes"))):
+        if len(boxes):
+            a.hist2d(boxes[:, i], boxes[:, j], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
+        a.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
+    ax[1].invert_yaxis()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""Detection dataset over verified YOLO labels: mosaic / perspective / HSV / flips / mixup for training,
+rectangular letterboxed batches for validation.
+
+A sample is a dict: ``img`` (uint8 ``Tensor[3, H, W]``), ``cls`` (``Tensor[N]``), ``bboxes``
+(``Tensor[N, 4]`` cx, cy, w, h normalised to the output image), ``im_file``, ``ori_shape`` (h0, w0),
+``ratio_pad`` ((rx, ry), (pad_x, pad_y)) mapping original pixels to output pixels, and, without
+augmentation, ``ori_labels`` (the labels in original pixels, xyxy) for scoring.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vistrain.data import augment as A
+from vistrain.data.image import BadImageError, load_image
+from vistrain.data.yolo import ImageLabels
+
+LOGGER_NAME = "vistrain"
+
+
+def _xywhn_to_xyxy(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
+    out = np.empty_like(boxes, dtype=np.float32)
+    out[:, 0] = (boxes[:, 0] - boxes[:, 2] / 2) * w
+    out[:, 1] = (boxes[:, 1] - boxes[:, 3] / 2) * h
+    out[:, 2] = (boxes[:, 0] + boxes[:, 2] / 2) * w
+    out[:, 3] = (boxes[:, 1] + boxes[:, 3] / 2) * h
+    return out
+
+
+def _xyxy_to_xywhn(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
+    out = np.empty((len(boxes), 4), dtype=np.float32)
+    out[:, 0] = (boxes[:, 0] + boxes[:, 2]) / 2 / w
+    out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / 2 / h
+    out[:, 2] = (boxes[:, 2] - boxes[:, 0]) / w
+    out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / h
+    return out
+
+
+class DetectDataset(Dataset):
+    """Images and verified labels (:class:`ImageLabels`) -> training or validation samples."""
+
+    def __init__(self, items: list[ImageLabels], imgsz: int, augment: bool = False, hyp: dict | None = None,
+                 rect: bool = False, batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0):
+        self.items = list(items)
+        self.imgsz, self.augment, self.stride, self.seed = imgsz, augment, stride, seed
+        self.hyp = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5,
+                    "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0,
+                    **(hyp or {})}
+        self.rect = rect
+        self.mosaic = float(self.hyp["mosaic"]) if augment and not rect else 0.0
+        self.augmenter = A.DetectAugment.from_hyp(imgsz, {**self.hyp, "mosaic": self.mosaic})
+        self.batch_shapes = None
+        if rect:
+            self._set_rect(batch_size, pad)
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = None
+        self.failed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def close_mosaic(self) -> None:
+        """The last epochs: no mosaic and no mixup (``close_mosaic``)."""
+        self.mosaic = 0.0
+        self.hyp = {**self.hyp, "mixup": 0.0}
+        self.augmenter = A.DetectAugment.from_hyp(self.imgsz, {**self.hyp, "mosaic": 0.0})
+
+    def _set_rect(self, batch_size: int, pad: float) -> None:
+        """Sort by aspect ratio; each batch gets the smallest stride-multiple shape holding its images."""
+        ar = np.array([h / w for h, w in (it.shape for it in self.items)], dtype=np.float64)
+        order = ar.argsort()
+        self.items = [self.items[i] for i in order]
+        ar = ar[order]
+        nb = math.ceil(len(ar) / batch_size)
+        shapes = []
+        for b in range(nb):
+            a = ar[b * batch_size:(b + 1) * batch_size]
+            lo, hi = a.min(), a.max()
+            shape = [1.0, 1.0]  # (h, w) relative to imgsz
+            if hi < 1:
+                shape = [hi, 1.0]
+            elif lo > 1:
+                shape = [1.0, 1 / lo]
+            shapes.append(shape)
+        self.batch_shapes = (np.ceil(np.array(shapes) * self.imgsz / self.stride + pad).astype(int) * self.stride)
+        self.batch_size = batch_size
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """One generator per process (each DataLoader worker is seeded by torch; see ``seed_worker``)."""
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32, os.getpid()])
+            self._rng_pid = os.getpid()
+        return self._rng
+
+    # -- loading --
+    def load(self, i: int) -> tuple[np.ndarray, A.Instances, tuple[int, int]]:
+        """Image ``i`` resized so its long side is ``imgsz`` and its labels in those pixels -> (img, inst, (h0, w0))."""
+        it = self.items[i]
+        img = np.asarray(load_image(it.im_file))
+        h0, w0 = img.shape[:2]
+        img, scale = A.load_resized(img, self.imgsz)
+        h, w = img.shape[:2]
+        boxes = _xywhn_to_xyxy(it.boxes, w, h)
+        segments = [s * np.array([w, h], dtype=np.float32) for s in it.segments if len(s)]
+        if len(segments) != len(it.cls):
+            segments = []
+        return img, A.Instances(cls=it.cls.copy(), boxes=boxes, segments=segments), (h0, w0)
+
+    def _load_ok(self, i: int):
+        """``load(i)``, or the next readable image if ``i`` cannot be decoded any more (logged once)."""
+        n = len(self.items)
+        for k in range(n):
+            j = (i + k) % n
+            if self.items[j].im_file in self.failed:
+                continue
+            try:
+                return j, self.load(j)
+            except BadImageError as e:
+                import logging
+
+                self.failed.add(self.items[j].im_file)
+                logging.getLogger(LOGGER_NAME).warning(f"skipping unreadable image {e} (using another instead)")
+        raise RuntimeError("none of the dataset's images can be read")
+
+    # -- samples --
+    def __getitem__(self, i: int) -> dict:
+        if self.augment:
+            return self._train_sample(i)
+        j, (img, inst, (h0, w0)) = self._load_ok(i)
+        shape = self.batch_shapes[j // self.batch_size] if self.rect else (self.imgsz, self.imgsz)
+        h, w = img.shape[:2]
+        out, ratio, pad = A.letterbox(img, tuple(int(s) for s in shape), auto=False, scaleup=False)
+        scale = (ratio[0] * w / w0, ratio[1] * h / h0)
+        boxes = inst.boxes * np.array([ratio[0], ratio[1]] * 2, dtype=np.float32) + np.array([*pad, *pad], np.float32)
+        it = self.items[j]
+        ori = {"cls": it.cls.copy(), "boxes": _xywhn_to_xyxy(it.boxes, w0, h0)}
+        return self._pack(out, inst.cls, boxes, it.im_file, (h0, w0), (scale, pad), ori)
+
+    def _train_sample(self, i: int) -> dict:
+        rng, hyp = self.rng, self.hyp
+
+        def load(k: int):
+            return self._load_ok(k)[1][:2]
+
+        if self.rect:  # rectangular batches: the batch's letterbox shape, no mosaic and no warp
+            j, (img, inst, _) = self._load_ok(i)
+            img, ratio, pad = A.letterbox(img, tuple(int(s) for s in self.batch_shapes[j // self.batch_size]),
+                                          auto=False, scaleup=True)
+            img = A.augment_hsv(img, rng, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
+            img, inst = A.random_flips(img, A.apply_letterbox(inst, ratio, pad), rng, hyp["fliplr"], hyp["flipud"])
+        else:
+            img, inst = self.augmenter(i, load, len(self), rng)
+        it = self.items[i]
+        return self._pack(img, inst.cls, inst.boxes, it.im_file, it.shape, ((1.0, 1.0), (0.0, 0.0)), None)
+
+    @staticmethod
+    def _pack(img: np.ndarray, cls, boxes: np.ndarray, im_file: str, ori_shape, ratio_pad, ori_labels) -> dict:
+        h, w = img.shape[:2]
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        return {"img": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                "cls": torch.as_tensor(np.asarray(cls), dtype=torch.float32).reshape(-1),
+                "bboxes": torch.from_numpy(_xyxy_to_xywhn(boxes, w, h)),
+                "im_file": im_file, "ori_shape": tuple(int(v) for v in ori_shape), "ratio_pad": ratio_pad,
+                "ori_labels": ori_labels}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack images; ``targets (Tensor[T, 6])`` = (index in batch, class, cx, cy, w, h) normalised."""
+    targets = [torch.cat((torch.full((len(s["cls"]), 1), float(i)), s["cls"][:, None], s["bboxes"]), 1)
+               for i, s in enumerate(samples)]
+    return {"img": torch.stack([s["img"] for s in samples]),
+            "targets": torch.cat(targets, 0) if targets else torch.zeros(0, 6),
+            "im_file": [s["im_file"] for s in samples], "ori_shape": [s["ori_shape"] for s in samples],
+            "ratio_pad": [s["ratio_pad"] for s in samples], "ori_labels": [s["ori_labels"] for s in samples]}

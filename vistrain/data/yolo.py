@@ -1,0 +1,364 @@
+"""YOLO-format datasets: the ultralytics dataset YAML, label files, verification and its cache.
+
+A dataset YAML names a root ``path`` and the ``train`` / ``val`` / ``test`` splits (each a folder of
+images, a ``.txt`` list of image paths, or a list of either, relative to ``path``) and the class
+``names`` (a list, or a dict ``{index: name}``).  The labels of ``.../images/.../x.jpg`` are in
+``.../labels/.../x.txt``: one object per line, ``cls cx cy w h`` (a box) or ``cls x1 y1 x2 y2 ...``
+(a polygon of at least 3 points, whose bounding box is the object's box), normalised to 0..1.
+An image without a label file, or with an empty one, is a background image.
+
+Verification reads every label file once and reports each bad line as ``file:line: what is wrong``;
+a bad line drops that line (or, for coordinates slightly out of range, is clipped), never the whole
+image.  Unreadable images are skipped.  The result is cached under ``$VISTRAIN_CACHE`` (default
+``~/.cache/vistrain``), keyed by the split and invalidated by a hash of the image and label files'
+paths, sizes and modification times.  User files are only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from vistrain.data.image import BadImageError, is_image_file, load_image
+
+LOGGER = logging.getLogger("vistrain")
+CACHE_VERSION = 1
+COORD_TOL = 0.01  # coordinates within this of 0..1 are clipped silently; beyond it, clipped with a message
+MAX_MESSAGES = 30  # label problems printed per split; the rest are counted
+_CHECK_DRAFT = (64, 64)
+
+
+class DataYAMLError(Exception):
+    """A dataset YAML or split that cannot be used as given."""
+
+
+# ------------------------------------------------------------------------------------ dataset YAML
+def _names_list(names, source: str) -> list[str]:
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DataYAMLError(f"{source}: names keys must be class indices 0..N-1, got {list(names)[:5]}") from None
+        if keys != list(range(len(keys))):
+            raise DataYAMLError(f"{source}: names keys must be 0..{len(keys) - 1} without gaps, got {keys}")
+        lookup = {int(k): v for k, v in names.items()}
+        return [str(lookup[i]) for i in keys]
+    if isinstance(names, (list, tuple)) and names:
+        return [str(n) for n in names]
+    raise DataYAMLError(f"{source}: 'names' must be a list of class names or a dict {{0: name, ...}}")
+
+
+def load_data_yaml(path: str | os.PathLike) -> dict:
+    """Read a dataset YAML; return it with ``path`` made absolute and ``names`` as a list (``nc`` set).
+
+    A relative ``path`` (or none) is taken relative to the YAML file's folder.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataYAMLError(f"data={path}: file does not exist")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise DataYAMLError(f"{file}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError:
+        raise DataYAMLError(f"{file}: not a text file") from None
+    if not isinstance(data, dict):
+        raise DataYAMLError(f"{file}: expected a mapping with keys path, train, val, names")
+    missing = [k for k in ("train", "val", "names") if k not in data]
+    if missing:
+        raise DataYAMLError(f"{file}: missing key(s) {', '.join(missing)} (a dataset YAML needs train, val, names)")
+    root = Path(data.get("path") or ".").expanduser()
+    if not root.is_absolute():
+        root = (file.parent / root).resolve()
+    names = _names_list(data["names"], str(file))
+    if data.get("nc") is not None and int(data["nc"]) != len(names):
+        raise DataYAMLError(f"{file}: nc={data['nc']} but names lists {len(names)} classes")
+    return {**data, "path": str(root), "names": names, "nc": len(names), "yaml_file": str(file.resolve())}
+
+
+def _resolve(root: Path, p: str | os.PathLike) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else root / q
+
+
+def list_split_images(data: dict, split: str) -> list[Path]:
+    """Image files of ``data[split]``: folders searched recursively, ``.txt`` lists read line by line
+    (relative lines are relative to the list file's folder), or a list of either; sorted, unique."""
+    spec = data.get(split)
+    if spec in (None, ""):
+        raise DataYAMLError(f"{data.get('yaml_file', 'data')}: no '{split}' split")
+    root = Path(data["path"])
+    files: set[Path] = set()
+    for entry in spec if isinstance(spec, (list, tuple)) else [spec]:
+        p = _resolve(root, str(entry))
+        if p.is_dir():
+            files.update(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    files.add(_resolve(p.parent, line))
+        elif p.is_file() and is_image_file(p):
+            files.add(p)
+        else:
+            raise DataYAMLError(f"{data.get('yaml_file', 'data')}: {split}: {p} does not exist "
+                                f"(give a folder of images, a .txt list of images, or a list of these)")
+    return sorted(files)
+
+
+def label_path(image: Path) -> Path:
+    """``.../images/a/b.jpg`` -> ``.../labels/a/b.txt`` (the last ``images`` folder in the path)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+# ------------------------------------------------------------------------------------ label lines
+@dataclass
+class ImageLabels:
+    """Verified labels of one image; coordinates normalised to 0..1 of the (EXIF-rotated) image."""
+
+    im_file: str
+    shape: tuple[int, int]  # (height, width) in pixels
+    cls: np.ndarray  # int64[N]
+    boxes: np.ndarray  # float32[N, 4] cx, cy, w, h
+    segments: list[np.ndarray] = field(default_factory=list)  # N float32[K, 2] polygons ([0, 2] for box rows)
+
+    @property
+    def has_polygons(self) -> bool:
+        return any(len(s) for s in self.segments)
+
+
+def _parse_line(text: str, nc: int) -> tuple[int, np.ndarray] | str:
+    """One label line -> ``(class, values)`` or the reason it is rejected."""
+    fields = text.split()
+    n = len(fields)
+    if n != 5 and (n < 7 or n % 2 == 0):
+        hint = "; a polygon needs at least 3 points" if n in (3,) else ""
+        return (f"{n} values; expected 5 (cls cx cy w h) or an odd number >= 7 "
+                f"(cls x1 y1 x2 y2 x3 y3 ...){hint}")
+    try:
+        values = np.array([float(v) for v in fields], dtype=np.float64)
+    except ValueError:
+        bad = next(i for i, v in enumerate(fields) if not _is_float(v))
+        return f"non-numeric value {fields[bad]!r} in column {bad + 1}"
+    if not np.isfinite(values).all():
+        return "non-finite value (nan or inf)"
+    c = values[0]
+    if c != int(c):
+        return f"class id {fields[0]} is not an integer"
+    if not 0 <= c < nc:
+        return f"class {int(c)} outside 0..{nc - 1} (the data YAML names {nc} classes)"
+    return int(c), values[1:]
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _out_of_range(values: np.ndarray) -> bool:
+    return bool((values < -COORD_TOL).any() or (values > 1 + COORD_TOL).any())
+
+
+def _row_geometry(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool] | str:
+    """Coordinates of a row -> ``(box cx cy w h, polygon [K, 2] or [0, 2], was clipped beyond tolerance)``."""
+    if len(values) == 4:
+        cx, cy, w, h = values
+        if w <= 0 or h <= 0:
+            return "zero-area box (width or height <= 0)"
+        corners = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+        clipped = _out_of_range(corners)
+        x1, y1, x2, y2 = corners.clip(0, 1)
+        poly = np.zeros((0, 2), np.float32)
+    else:
+        pts = values.reshape(-1, 2)
+        clipped = _out_of_range(pts)
+        pts = pts.clip(0, 1)
+        (x1, y1), (x2, y2) = pts.min(0), pts.max(0)
+        poly = pts.astype(np.float32)
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        return "zero-area box after clipping to the image" if clipped else "zero-area box"
+    box = np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=np.float32)
+    return box, poly, clipped
+
+
+def parse_label_file(path: Path, nc: int) -> tuple[list, list[str], int]:
+    """Read one label file -> ``(rows [(cls, box, polygon)], messages, lines dropped)``.
+
+    Each message is ``file:line: problem``.  Missing file = background (no rows, no message).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], [], 0
+    except (UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{path}: label file unreadable ({type(e).__name__}); expected text lines 'cls cx cy w h'")
+    rows, messages, dropped, seen = [], [], 0, {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parsed = _parse_line(line, nc)
+        if isinstance(parsed, str):
+            messages.append(f"{path}:{lineno}: {parsed}: line dropped")
+            dropped += 1
+            continue
+        c, values = parsed
+        key = (c, *values.tolist())
+        if key in seen:
+            messages.append(f"{path}:{lineno}: duplicate of line {seen[key]}: dropped")
+            dropped += 1
+            continue
+        seen[key] = lineno
+        geometry = _row_geometry(values)
+        if isinstance(geometry, str):
+            messages.append(f"{path}:{lineno}: {geometry}: line dropped")
+            dropped += 1
+            continue
+        box, poly, clipped = geometry
+        if clipped:
+            messages.append(f"{path}:{lineno}: coordinates outside 0..1: clipped to the image")
+        rows.append((c, box, poly))
+    return rows, messages, dropped
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """``(height, width)`` after EXIF rotation; decodes the image (downscaled) to prove it is readable."""
+    img = load_image(path, draft=_CHECK_DRAFT)  # raises BadImageError
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:
+            orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    del img
+    return h, w
+
+
+def _verify_one(args: tuple[Path, int]) -> tuple[ImageLabels | None, list[str], int, str | None]:
+    """Check one image and its label file -> ``(labels or None, messages, lines dropped, corrupt reason)``."""
+    image, nc = args
+    try:
+        shape = image_shape(image)
+    except BadImageError as e:
+        return None, [], 0, e.reason
+    try:
+        rows, messages, dropped = parse_label_file(label_path(image), nc)
+    except ValueError as e:
+        return None, [], 0, str(e)
+    if rows:
+        cls = np.array([r[0] for r in rows], dtype=np.int64)
+        boxes = np.stack([r[1] for r in rows]).astype(np.float32)
+    else:
+        cls, boxes = np.zeros(0, np.int64), np.zeros((0, 4), np.float32)
+    return ImageLabels(str(image), shape, cls, boxes, [r[2] for r in rows]), messages, dropped, None
+
+
+@dataclass
+class SplitLabels:
+    """Every usable image of a split with its verified labels, and what verification found."""
+
+    items: list[ImageLabels]
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
+    messages: list[str] = field(default_factory=list)  # "file:line: problem"
+    dropped: int = 0  # label lines dropped
+
+    @property
+    def backgrounds(self) -> int:
+        return sum(len(it.cls) == 0 for it in self.items)
+
+    def summary(self, split: str) -> str:
+        return (f"{split}: {len(self.items)} images, {self.backgrounds} backgrounds, {len(self.corrupt)} corrupt, "
+                f"{self.dropped} lines dropped, {sum(len(it.cls) for it in self.items)} objects")
+
+    def log(self, split: str) -> None:
+        """Log every corrupt image and the first label problems (all of them are in ``messages``)."""
+        for path, reason in self.corrupt:
+            LOGGER.warning(f"{split}: skipping image {path}: {reason}")
+        for msg in self.messages[:MAX_MESSAGES]:
+            LOGGER.warning(msg)
+        if len(self.messages) > MAX_MESSAGES:
+            LOGGER.warning(f"{split}: ... and {len(self.messages) - MAX_MESSAGES} more label problems")
+
+    # -- cache (JSON: no pickled code) --
+    def to_json(self) -> dict:
+        items = [{"im_file": it.im_file, "shape": list(it.shape), "cls": it.cls.tolist(), "boxes": it.boxes.tolist(),
+                  "segments": [s.tolist() for s in it.segments]} for it in self.items]
+        return {"items": items, "corrupt": self.corrupt, "messages": self.messages, "dropped": self.dropped}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SplitLabels":
+        items = [ImageLabels(it["im_file"], tuple(it["shape"]), np.array(it["cls"], np.int64).reshape(-1),
+                             np.array(it["boxes"], np.float32).reshape(-1, 4),
+                             [np.array(s, np.float32).reshape(-1, 2) for s in it["segments"]]) for it in d["items"]]
+        return cls(items, [tuple(c) for c in d["corrupt"]], list(d["messages"]), int(d["dropped"]))
+
+
+def cache_dir() -> Path:
+    """``$VISTRAIN_CACHE`` or ``~/.cache/vistrain``."""
+    return Path(os.environ.get("VISTRAIN_CACHE") or "~/.cache/vistrain").expanduser()
+
+
+def files_hash(images: list[Path], nc: int) -> str:
+    """Hash of the images' and label files' paths, sizes and modification times (and ``nc``)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
+    for image in images:
+        for p in (image, label_path(image)):
+            try:
+                st = p.stat()
+                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}|-\n".encode())
+    return h.hexdigest()
+
+
+def scan_split(images: list[Path], nc: int, workers: int = 2, use_cache: bool = True) -> tuple[SplitLabels, bool]:
+    """Verify ``images`` and their labels -> ``(SplitLabels, loaded from cache)``."""
+    digest = files_hash(images, nc)
+    key = hashlib.sha256("\n".join(map(str, images[:1] + images[-1:])).encode() + str(len(images)).encode())
+    cache_file = cache_dir() / "labels" / f"{key.hexdigest()[:24]}.json"
+    if use_cache and cache_file.is_file():
+        try:
+            d = json.loads(cache_file.read_text())
+            if d.get("hash") == digest:
+                return SplitLabels.from_json(d), True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or stale cache: rescan
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
+        results = list(pool.map(_verify_one, [(p, nc) for p in images], chunksize=16))
+    out = SplitLabels([])
+    for image, (labels, messages, dropped, reason) in zip(images, results):
+        if reason is not None:
+            out.corrupt.append((str(image), reason))
+            continue
+        out.items.append(labels)
+        out.messages.extend(messages)
+        out.dropped += dropped
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"hash": digest, **out.to_json()}))
+            os.replace(tmp, cache_file)
+        except OSError as e:  # a read-only home must not stop training
+            LOGGER.warning(f"label cache not written ({cache_file}: {e.strerror})")
+    return out, False

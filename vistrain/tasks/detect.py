@@ -1,0 +1,302 @@
+"""Object detection (anchor-based YOLOv5 head): YOLO-format data, the YOLOv5 loss, COCO mAP, boxes out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vistrain.engine.utils import LOGGER, UserError
+from vistrain.tasks.base import DataBundle
+
+HYP_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
+            "mosaic", "mixup")
+BUILTIN_IMGSZ = 128
+
+
+def parse_classes(value) -> list[int] | None:
+    """``classes=0,2`` (str), an int, or a list -> list of class indices; empty -> None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    try:
+        return [int(v) for v in str(value).replace("[", "").replace("]", "").split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"classes={value}: expected class indices, e.g. classes=0,2") from None
+
+
+def nms_settings(cfg: dict, mode: str) -> dict:
+    """conf / iou / max_det / classes / agnostic for ``mode`` ('val' or 'predict'); empty keys take the mode's
+    default (val: conf 0.001, iou 0.6 as YOLOv5's val.py; predict: conf 0.25, iou 0.45 as its detect.py)."""
+    conf = cfg.get("conf")
+    iou = cfg.get("iou")
+    return {"conf": (0.001 if mode == "val" else 0.25) if conf is None else float(conf),
+            "iou": (0.6 if mode == "val" else 0.45) if iou is None else float(iou),
+            "max_det": int(cfg.get("max_det") or 300), "classes": parse_classes(cfg.get("classes")),
+            "agnostic": bool(cfg.get("agnostic_nms"))}
+
+
+class DetectTask:
+    name = "detect"
+    loss_names = ("box_loss", "obj_loss", "cls_loss")
+    metric_keys = ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)")
+
+    def __init__(self):
+        self.cfg: dict = {}
+        self.head = None
+        self.loss_fn = None
+        self.anchor_report: dict | None = None
+        self.data_yaml: dict | None = None
+
+    def default_model(self) -> str:
+        return "yolov5n"
+
+    def apply_defaults(self, cfg: dict, user_keys: set[str]) -> None:
+        """Detection's own defaults for keys the user left alone: imgsz 640 (128, the images' size, on
+        the built-in dataset)."""
+        if "imgsz" not in user_keys and not cfg.get("_resume_dir"):
+            cfg["imgsz"] = 640 if cfg.get("data") else BUILTIN_IMGSZ
+
+    # --- data ---------------------------------------------------------------------------
+    def resolve_data_yaml(self, cfg: dict) -> dict:
+        from vistrain.data.yolo import DataYAMLError, load_data_yaml
+
+        ref = cfg.get("data")
+        if not ref:
+            from vistrain.data.synthetic import ensure_dataset
+
+            ref = str(ensure_dataset() / "detect" / "data.yaml")
+            LOGGER.info(f"data: the built-in synthetic shapes dataset at {ref}")
+            cfg["data"] = ref
+        path = Path(ref)
+        if path.is_dir() and (path / "data.yaml").is_file():
+            path = path / "data.yaml"
+        if not path.exists():
+            raise UserError(f"data={ref}: file does not exist; give a dataset YAML (path, train, val, names) "
+                            f"or leave data= empty for the built-in dataset")
+        if path.is_dir():
+            raise UserError(f"data={ref}: a folder; detection needs a dataset YAML with path, train, val, names")
+        try:
+            return load_data_yaml(path)
+        except DataYAMLError as e:
+            raise UserError(str(e)) from None
+
+    def scan(self, data: dict, split: str, workers: int):
+        from vistrain.data.yolo import DataYAMLError, list_split_images, scan_split
+
+        try:
+            images = list_split_images(data, split)
+        except DataYAMLError as e:
+            raise UserError(str(e)) from None
+        labels, cached = scan_split(images, data["nc"], workers=max(1, workers))
+        labels.log(split)
+        line = labels.summary(split) + (" (cached)" if cached else "")
+        if not labels.items:
+            raise UserError(f"data={data['yaml_file']}: {split}: no usable images ({line})")
+        return labels, line
+
+    def build_data(self, cfg: dict, need_train: bool = True) -> DataBundle:
+        from vistrain.data.detect import DetectDataset
+
+        self.cfg = cfg
+        data = self.data_yaml = self.resolve_data_yaml(cfg)
+        hyp = {k: cfg[k] for k in HYP_KEYS}
+        summary, train = [], None
+        if need_train:
+            labels, line = self.scan(data, "train", cfg["workers"])
+            summary.append(line)
+            train = DetectDataset(labels.items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
+                                  rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"])
+        val_labels, line = self.scan(data, "val", cfg["workers"])
+        summary.append(line)
+        val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True, batch_size=cfg["batch"])
+        return DataBundle(train, val, list(data["names"]), summary, source=data["yaml_file"])
+
+    # --- model hooks --------------------------------------------------------------------
+    def setup_model(self, model: torch.nn.Module, data: DataBundle | None, cfg: dict, train: bool = True) -> None:
+        """Attach the loss to ``model``'s Detect head; before training, check (and evolve) the anchors."""
+        from vistrain.losses.yolov5 import YOLOv5Loss
+        from vistrain.nn.modules import Detect
+
+        head = next((m for m in model.modules() if isinstance(m, Detect)), None)
+        if head is None:
+            raise UserError(f"model={cfg.get('model')}: no anchor-based Detect head; not a detection model")
+        self.head, self.cfg = head, cfg
+        if train and cfg.get("autoanchor", True) and data is not None and data.train is not None:
+            self.autoanchor(head, data.train, cfg)
+        hyp = {k: cfg[k] for k in ("box", "obj", "cls", "anchor_t", "label_smoothing")}
+        self.loss_fn = YOLOv5Loss.from_model(model, {**hyp, "imgsz": cfg["imgsz"]})
+
+    def autoanchor(self, head, dataset, cfg: dict) -> None:
+        from vistrain.ops.anchors import check_anchors
+
+        rng = np.random.default_rng(cfg.get("seed", 0))
+        # label sizes in pixels once the image's long side is imgsz, as the model sees them
+        wh = [it.boxes[:, 2:4] * np.array(it.shape[::-1]) * (cfg["imgsz"] / max(it.shape)) for it in dataset.items]
+        wh = np.concatenate(wh, 0) if wh else np.zeros((0, 2))
+        if not len(wh):
+            return
+        wh = wh * rng.uniform(0.9, 1.1, size=(len(wh), 1))  # as at train time, with random scale
+        new, report = check_anchors(wh, head.anchors.cpu(), head.stride.cpu(), cfg["imgsz"],
+                                    thr=cfg["anchor_t"], rng=rng)
+        LOGGER.info(f"autoanchor: {report['message']}")
+        if new is not None:
+            head.anchors.copy_(new.to(head.anchors))
+        self.anchor_report = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in report.items()}
+
+    def state(self) -> dict:
+        """What the task adds to a checkpoint: the autoanchor report."""
+        return {"autoanchor": self.anchor_report} if self.anchor_report else {}
+
+    def epoch_start(self, trainer) -> bool:
+        """``close_mosaic``: for the last N epochs train without mosaic; returns True if the train
+        dataset changed (the trainer then rebuilds its loader, whose workers hold copies)."""
+        n = int(self.cfg.get("close_mosaic") or 0)
+        ds = trainer.data.train
+        if n and ds.mosaic > 0 and trainer.epoch >= trainer.epochs - n:
+            ds.close_mosaic()
+            LOGGER.info(f"close_mosaic: mosaic off for the last {min(n, trainer.epochs)} epochs")
+            return True
+        return False
+
+    # --- batches ------------------------------------------------------------------------
+    @staticmethod
+    def collate_fn(samples: list[dict]) -> dict[str, Any]:
+        from vistrain.data.detect import collate
+
+        return collate(samples)
+
+    def preprocess(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        nb = device.type == "cuda"
+        out = dict(batch)
+        out["img"] = batch["img"].to(device, non_blocking=nb).float().div_(255.0)
+        out["targets"] = batch["targets"].to(device, non_blocking=nb)
+        return out
+
+    def loss(self, preds: list[torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(preds, batch["targets"])
+
+    def postprocess(self, preds: list[torch.Tensor], settings: dict) -> list[torch.Tensor]:
+        """Raw head outputs -> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class) in input pixels."""
+        from vistrain.ops.boxes import decode_yolov5, non_max_suppression
+
+        decoded = decode_yolov5(preds, self.head.anchors, self.head.stride)
+        return non_max_suppression(decoded, conf=settings["conf"], iou=settings["iou"], classes=settings["classes"],
+                                   agnostic=settings["agnostic"], max_det=settings["max_det"])
+
+    # --- metrics --------------------------------------------------------------------------
+    def new_metrics(self, names: list[str]):
+        from vistrain.metrics.detect import DetectMetrics
+
+        return DetectMetrics(names)
+
+    def update_metrics(self, metrics, preds: list[torch.Tensor], batch: dict[str, Any]) -> None:
+        from vistrain.data.augment import scale_boxes_back
+
+        dets = self.postprocess(preds, nms_settings(self.cfg, "val"))
+        for i, det in enumerate(dets):
+            det = det.detach().float().cpu().clone()
+            h0, w0 = batch["ori_shape"][i]
+            det[:, :4] = torch.as_tensor(scale_boxes_back(det[:, :4].numpy(), *batch["ratio_pad"][i], (h0, w0)))
+            gt = batch["ori_labels"][i]
+            metrics.update(det, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["cls"]),
+                           image_id=Path(batch["im_file"][i]).stem, image_size=(w0, h0),
+                           file_name=batch["im_file"][i])
+
+    def report(self, metrics, names: list[str]) -> list[str]:
+        return metrics.summary_lines()
+
+    def save_json(self, metrics, save_dir: Path) -> None:
+        """``predictions.json`` and ``annotations.json`` (COCO) beside ``metrics.json``."""
+        from vistrain.metrics.detect import write_coco_json
+
+        write_coco_json(metrics, save_dir)
+
+    # --- plots --------------------------------------------------------------------------
+    def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None:
+        from vistrain.utils.plotting import plot_detections
+
+        imgs = batch["img"][:16].detach().float().cpu()
+        imgs = (imgs * 255).round().clamp(0, 255).to(torch.uint8) if imgs.max() <= 1.0 else imgs.to(torch.uint8)
+        h, w = imgs.shape[2:]
+        if preds is None:
+            t = batch["targets"].detach().cpu()
+            boxes = []
+            for i in range(len(imgs)):
+                ti = t[t[:, 0] == i]
+                xyxy = torch.cat((ti[:, 2:4] - ti[:, 4:6] / 2, ti[:, 2:4] + ti[:, 4:6] / 2), 1) * torch.tensor([w, h, w, h])
+                boxes.append(torch.cat((xyxy, torch.ones(len(ti), 1), ti[:, 1:2]), 1))
+        else:
+            settings = {**nms_settings(self.cfg, "predict"), "conf": 0.25}
+            boxes = [d.detach().cpu() for d in self.postprocess([p[:16] for p in preds], settings)]
+        plot_detections(imgs, boxes, names, path, show_conf=preds is not None)
+
+    def plot_metrics(self, metrics, names: list[str], save_dir: Path) -> None:
+        metrics.plot(save_dir)
+
+    def plot_labels(self, dataset, names: list[str], save_dir: Path) -> None:
+        from vistrain.utils.plotting import plot_label_distribution
+
+        cls = np.concatenate([it.cls for it in dataset.items]) if dataset.items else np.zeros(0)
+        boxes = np.concatenate([it.boxes for it in dataset.items]) if dataset.items else np.zeros((0, 4))
+        plot_label_distribution(cls, boxes, names, save_dir / "labels.jpg")
+
+    # --- prediction ---------------------------------------------------------------------
+    def predict_preprocess(self, image, imgsz: int) -> tuple[torch.Tensor, tuple]:
+        """Letterbox to a square ``imgsz`` (so a batch stacks); meta = (ratio, pad, original (h, w))."""
+        from vistrain.data.augment import letterbox
+
+        img = np.asarray(image.convert("RGB"))
+        out, ratio, pad = letterbox(img, imgsz, auto=False, scaleup=True)
+        x = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255.0)
+        return x, (ratio, pad, img.shape[:2])
+
+    def predict_postprocess(self, preds: list[torch.Tensor], cfg: dict, metas: list) -> list[torch.Tensor]:
+        """-> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class) in original-image pixels."""
+        from vistrain.data.augment import scale_boxes_back
+
+        out = []
+        for det, (ratio, pad, shape) in zip(self.postprocess(preds, nms_settings(cfg, "predict")), metas):
+            det = det.detach().float().cpu().clone()
+            det[:, :4] = torch.as_tensor(scale_boxes_back(det[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
+            out.append(det)
+        return out
+
+    def make_result(self, path: str, names: list[str], image, out: torch.Tensor):
+        from vistrain.engine.predictor import Result
+
+        return Result(path, names, (image.height, image.width), boxes=out)
+
+    def describe(self, result, cfg: dict) -> str:
+        if not len(result.boxes):
+            return "no detections"
+        counts = torch.bincount(result.boxes[:, 5].long(), minlength=len(result.names))
+        return ", ".join(f"{int(n)} {result.names[i]}" for i, n in enumerate(counts) if n)
+
+    def draw(self, result, image):
+        from vistrain.utils.plotting import draw_boxes
+
+        return draw_boxes(image, result.boxes, result.names)
+
+    def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
+        """``labels/NAME.txt`` per image (``cls cx cy w h conf``, normalised) and ``predictions.json``."""
+        labels = save_dir / "labels"
+        labels.mkdir(exist_ok=True)
+        records = []
+        for r in results:
+            h, w = r.orig_shape
+            stem = Path(r.path).stem + (f"_{r.extra['frame']}" if "frame" in r.extra else "")
+            rows, dets = [], []
+            for x1, y1, x2, y2, score, c in r.boxes.tolist():
+                rows.append(f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
+                            f"{(y2 - y1) / h:.6f} {score:.5f}\n")
+                dets.append({"class": int(c), "name": r.names[int(c)], "confidence": round(score, 5),
+                             "box": [round(v, 2) for v in (x1, y1, x2, y2)]})
+            (labels / f"{stem}.txt").write_text("".join(rows))
+            records.append({"image": r.path, **({"frame": r.extra["frame"]} if "frame" in r.extra else {}),
+                            "width": w, "height": h, "detections": dets})
+        (save_dir / "predictions.json").write_text(json.dumps(records, indent=1))
