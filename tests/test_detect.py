@@ -1,0 +1,105 @@
+"""Detection end to end on a tiny generated dataset: train, run folder, val save_json vs pycocotools, predict."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vistrain
+from vistrain.data.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shapes"), n=40, imgsz=96, seed=1, workers=1)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory) -> dict:
+    project = tmp_path_factory.mktemp("runs")
+    return vistrain.train(model="yolov5n", data=str(shapes / "detect" / "data.yaml"), imgsz=96, epochs=2, batch=8,
+                          workers=0, project=str(project), name="det", close_mosaic=1, warmup_epochs=0.5,
+                          seed=0, verbose=False)
+
+
+def test_detect_run_folder(trained):
+    run = Path(trained["save_dir"])
+    for f in ("args.yaml", "results.csv", "results.png", "weights/best.pt", "weights/last.pt", "labels.jpg",
+              "train_batch0.jpg", "val_batch0_labels.jpg", "val_batch0_pred.jpg", "PR_curve.png", "F1_curve.png",
+              "confusion_matrix.png"):
+        assert (run / f).is_file(), f
+    header = (run / "results.csv").read_text().splitlines()[0]
+    for key in ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP50(B)", "metrics/mAP50-95(B)"):
+        assert key in header
+    ckpt = torch.load(run / "weights" / "last.pt", weights_only=True)
+    assert ckpt["task"] == "detect" and "autoanchor" in ckpt["task_state"]
+    assert 0.0 <= trained["metrics/mAP50-95(B)"] <= trained["metrics/mAP50(B)"] <= 1.0
+
+
+def test_val_save_json_matches_pycocotools(trained, shapes):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    res = vistrain.val(model=str(best), save_json=True, name="val", project=str(Path(trained["save_dir"]).parent),
+                       workers=0, conf=0.001)
+    out = Path(res["save_dir"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = json.loads((out / "predictions.json").read_text())
+    assert preds, "an untrained model still gives low-confidence boxes at conf=0.001"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / "annotations.json"))
+        dt = gt.loadRes(str(out / "predictions.json"))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert abs(ev.stats[0] - metrics["metrics/mAP50-95(B)"]) < 1e-3
+    assert abs(ev.stats[1] - metrics["metrics/mAP50(B)"]) < 1e-3
+    n_val = len(list((shapes / "detect" / "images" / "val").iterdir()))
+    assert len(gt.getImgIds()) == n_val
+
+
+def test_predict_boxes_in_original_pixels(trained, shapes):
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    images = sorted((shapes / "detect" / "images" / "val").iterdir())[:3]
+    results = vistrain.predict(best, [str(p) for p in images], conf=0.001, max_det=50, name="pred",
+                               project=str(Path(trained["save_dir"]).parent))
+    assert len(results) == 3
+    for r in results:
+        assert r.boxes.shape[1] == 6 and len(r.boxes) <= 50
+        h, w = r.orig_shape
+        assert (r.boxes[:, [0, 2]] >= 0).all() and (r.boxes[:, [0, 2]] <= w).all()
+        assert (r.boxes[:, [1, 3]] >= 0).all() and (r.boxes[:, [1, 3]] <= h).all()
+    out = Path(results[0].extra["save_dir"])
+    assert (out / "predictions.json").is_file() and (out / "labels" / f"{images[0].stem}.txt").is_file()
+    assert (out / f"{images[0].stem}.jpg").is_file()
+    rows = (out / "labels" / f"{images[0].stem}.txt").read_text().splitlines()
+    assert len(rows) == len(results[0].boxes) and all(len(r.split()) == 6 for r in rows)
+
+
+def test_resume_detect_continues_next_epoch(trained):
+    last = Path(trained["save_dir"]) / "weights" / "last.pt"
+    res = vistrain.train(resume=str(last), epochs=3, verbose=False)
+    assert res["epochs_done"] == 3 and res["save_dir"] == trained["save_dir"]
+    rows = (Path(trained["save_dir"]) / "results.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 2
+
+
+def test_bad_data_yaml_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "d.yaml"
+    bad.write_text("train: images/train\nval: images/val\nnames: [a, b]\n")
+    p = subprocess.run([sys.executable, "-m", "vistrain", "train", "model=yolov5n", f"data={bad}", "epochs=1"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "images/train does not exist" in p.stderr + p.stdout

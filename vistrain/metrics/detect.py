@@ -1,0 +1,481 @@
+"""Box detection metrics by the COCO definition: mAP50 and mAP50-95 equal to pycocotools' ``COCOeval``
+(iouType 'bbox', area 'all', maxDets 100), plus P / R at the best mean-F1 confidence, a confusion
+matrix with a background class, curves and COCO JSON export.
+
+Conventions:
+
+- Boxes are ``(x1, y1, x2, y2)`` in original image pixels. They are turned into COCO ``[x, y, w, h]``
+  in float64 exactly as ``coco_predictions`` writes them, and IoU is pycocotools' (no +1 pixel), so
+  the numbers here and those of ``COCOeval`` on the written JSON agree to rounding error.
+- COCO category id = class index + ``CATEGORY_ID_OFFSET`` (1), everywhere (JSON files and tests).
+- Nothing is crowd, nothing is ignored. Boxes with ``x2 < x1`` or ``y2 < y1`` get width / height 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # as pycocotools (linspace, not arange)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+MAX_DETS = 100  # per image and category, as COCOeval's maxDets[-1]
+CONF_GRID = np.linspace(0.0, 1.0, 1000)  # confidences of the P / R / F1 curves
+CATEGORY_ID_OFFSET = 1
+_CHUNK_ELEMENTS = 1 << 21  # images are matched in chunks of at most this many det x gt pairs
+_CHUNK_IMAGES = 512
+LOGGER = logging.getLogger("vistrain")
+
+
+def _as_array(x: Any, cols: int) -> np.ndarray:
+    """Tensor / array / list of shape ``[N, cols]`` (``[N]`` when ``cols`` is 1, anything empty)
+    -> ``np.ndarray[N, cols]`` float64 on the CPU."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0 or cols == 1:
+        return x.reshape(-1, cols)
+    if x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"expected an array of shape [N, {cols}], got {list(x.shape)}")
+    return x
+
+
+def _as_classes(x: Any) -> np.ndarray:
+    return np.rint(_as_array(x, 1)[:, 0]).astype(np.int64)
+
+
+def xyxy_to_coco(boxes: np.ndarray) -> np.ndarray:
+    """``boxes (ndarray[N, 4])`` x1, y1, x2, y2 -> COCO ``[x, y, w, h]`` float64, w and h clipped at 0."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate((boxes[:, :2], np.maximum(boxes[:, 2:] - boxes[:, :2], 0.0)), 1)
+
+
+def coco_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of COCO boxes as pycocotools' ``maskUtils.iou`` (iscrowd 0) computes it, in float64.
+
+    ``dt (ndarray[..., D, 4])``, ``gt (ndarray[..., G, 4])`` in ``[x, y, w, h]`` -> ``ndarray[..., D, G]``.
+    """
+    d, g = dt[..., :, None, :], gt[..., None, :, :]
+    iw = np.minimum(d[..., 2] + d[..., 0], g[..., 2] + g[..., 0]) - np.maximum(d[..., 0], g[..., 0])
+    ih = np.minimum(d[..., 3] + d[..., 1], g[..., 3] + g[..., 1]) - np.maximum(d[..., 1], g[..., 1])
+    overlap = (iw > 0) & (ih > 0)
+    inter = np.where(overlap, iw * ih, 0.0)
+    union = d[..., 2] * d[..., 3] + g[..., 2] * g[..., 3] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(overlap, inter / union, 0.0)
+
+
+def _top_per_class(scores: np.ndarray, classes: np.ndarray, k: int = MAX_DETS) -> np.ndarray:
+    """Indices of detections sorted by score (stable, as COCOeval's mergesort), keeping the first ``k``
+    of each class. ``scores, classes (ndarray[N])`` -> ``ndarray[K]``."""
+    order = np.argsort(-scores, kind="stable")
+    if len(order) <= k:
+        return order
+    c = classes[order]
+    by_class = np.argsort(c, kind="stable")
+    start = np.searchsorted(c[by_class], c[by_class], side="left")
+    rank = np.empty(len(c), np.int64)
+    rank[by_class] = np.arange(len(c)) - start
+    return order[rank < k]
+
+
+def _greedy_coco(iou: np.ndarray, n_dets: np.ndarray) -> np.ndarray:
+    """COCOeval.evaluateImg's matching, for a batch of images at every IoU threshold at once.
+
+    ``iou (ndarray[B, D, G])``: detections of each image in score order, IoU -1 for a pair of
+    different classes or a padding gt; ``n_dets (ndarray[B])`` real detections per image, images
+    sorted by ``n_dets`` descending. Each detection takes the unmatched gt of highest IoU that is
+    >= the threshold, the last such gt on ties (pycocotools' ``iou < best: continue`` rule).
+    Returns ``tp (ndarray[B, D, T])`` bool.
+    """
+    b_all, d_all, g_all = iou.shape
+    thr = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)
+    tp = np.zeros((b_all, d_all, len(thr)), bool)
+    if g_all == 0:
+        return tp
+    taken = np.zeros((b_all, len(thr), g_all), bool)
+    for r in range(d_all):
+        nb = int(np.count_nonzero(n_dets > r))  # images are sorted, so these are the first nb
+        cand = np.where(taken[:nb], -np.inf, iou[:nb, r, None, :])  # [nb, T, G]
+        best = g_all - 1 - cand[..., ::-1].argmax(-1)  # last index of the maximum
+        hit = np.take_along_axis(cand, best[..., None], -1)[..., 0] >= thr
+        tp[:nb, r] = hit
+        b, t = np.nonzero(hit)
+        taken[b, t, best[b, t]] = True
+    return tp
+
+
+def _greedy_pairs(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one matching by highest IoU first (ties: lowest det, then gt index) over a batch.
+
+    ``iou (ndarray[B, D, G])`` with -1 for pairs that may not match -> ``(b, d, g)`` index arrays.
+    """
+    bsz, dn, gn = iou.shape
+    cand = np.where(iou >= min_iou, iou, -1.0).reshape(bsz, dn * gn)
+    rows = np.nonzero((cand >= 0).any(1))[0]
+    out_b, out_d, out_g = [], [], []
+    while len(rows):
+        k = cand[rows].argmax(1)
+        found = cand[rows, k] >= 0
+        rows, k = rows[found], k[found]
+        if not len(rows):
+            break
+        d, g = np.divmod(k, gn)
+        out_b.append(rows), out_d.append(d), out_g.append(g)
+        view = cand.reshape(bsz, dn, gn)
+        view[rows, d, :] = -1.0
+        view[rows, :, g] = -1.0
+    if not out_b:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_b), np.concatenate(out_d), np.concatenate(out_g)
+
+
+def _smooth(y: np.ndarray, half: int = 50) -> np.ndarray:
+    """Moving average of width ``2 * half + 1`` with the ends repeated (a 101-point box filter)."""
+    padded = np.concatenate((np.full(half, y[0]), y, np.full(half, y[-1])))
+    return np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid")
+
+
+def _coco_precision(tp: np.ndarray, n_gt: int) -> np.ndarray:
+    """COCOeval.accumulate for one category: ``tp (ndarray[N, T])`` of all its detections in score
+    order -> interpolated precision ``ndarray[T, R]`` at ``RECALL_THRESHOLDS``."""
+    tps = np.cumsum(tp, 0).T.astype(float)
+    fps = np.cumsum(~tp, 0).T.astype(float)
+    rc = tps / n_gt
+    pr = tps / (fps + tps + np.spacing(1))
+    pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), 1), 1)  # precision made monotone
+    q = np.zeros((tp.shape[1], len(RECALL_THRESHOLDS)))
+    for t in range(tp.shape[1]):
+        inds = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
+        ok = inds < len(tp)
+        q[t, ok] = pr[t, inds[ok]]
+    return q
+
+
+def _pr_curves(tp50: np.ndarray, scores: np.ndarray, n_gt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at IoU 0.5 against confidence: ``tp50, scores (ndarray[N])`` in score order
+    -> ``(p, r)``, each ``ndarray[len(CONF_GRID)]``. Above the highest score P = 1 and R = 0."""
+    if len(scores) == 0:
+        return np.zeros_like(CONF_GRID), np.zeros_like(CONF_GRID)
+    tpc = np.cumsum(tp50)
+    fpc = np.cumsum(~tp50)
+    p = np.interp(-CONF_GRID, -scores, tpc / (tpc + fpc), left=1.0)
+    r = np.interp(-CONF_GRID, -scores, tpc / n_gt, left=0.0)
+    return p, r
+
+
+class DetectMetrics:
+    """Accumulates detections and ground truth image by image; computes COCO mAP on demand.
+
+    ``update(pred (Tensor[N, 6]) x1, y1, x2, y2, score, class; gt_boxes (Tensor[M, 4]) x1, y1, x2, y2;
+    gt_cls (Tensor[M]))``, all in original image pixels. Then ``results()``, ``fitness()``,
+    ``summary_lines()``, ``plot(save_dir)``, ``coco_json()``.
+
+    mAP50 / mAP50-95 follow ``COCOeval`` exactly (see the module docstring); classes without ground
+    truth are left out of the means (pycocotools' -1). When no class has ground truth, every metric is 0.
+
+    P and R are those YOLOv5 / ultralytics report: per class, precision and recall at IoU 0.5 (COCO's
+    matching above) against confidence on ``CONF_GRID`` (1000 points); the mean F1 over classes with
+    ground truth is smoothed by a 101-point box filter, and P / R are read at its argmax, one confidence
+    for all classes. A class with ground truth but no detections has P = R = 0.
+
+    Per class (``ndarray[nc]``, NaN for a class without ground truth): ``ap50``, ``ap`` (50-95),
+    ``p``, ``r``, ``f1``; ``ap_per_iou (ndarray[nc, 10])``, ``precision (ndarray[10, 101, nc])`` as
+    ``COCOeval.eval['precision'][..., 0, 2]`` (-1 where no ground truth); ``instances`` and
+    ``images_per_class (ndarray[nc] int)``.
+
+    ``matrix (ndarray[nc + 1, nc + 1] int)``: rows = predicted class, columns = true class (as
+    ``ClassifyMetrics`` and ultralytics), index ``nc`` = background. Detections with score >=
+    ``matrix_conf`` are matched one-to-one to ground truth of any class at IoU >= ``matrix_iou``,
+    highest IoU first: a pair adds to ``[pred, true]``, a missed gt to ``[nc, true]`` (background
+    row), an unmatched detection to ``[pred, nc]`` (background column).
+    """
+
+    def __init__(self, names: Sequence[str] | dict[int, str], matrix_conf: float = 0.25, matrix_iou: float = 0.45):
+        self.names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+        self.nc = len(self.names)
+        self.matrix_conf, self.matrix_iou = matrix_conf, matrix_iou
+        self.reset()
+
+    def reset(self) -> None:
+        nc = self.nc
+        self.images: list[dict[str, Any]] = []  # id, file_name, width, height (for COCO JSON)
+        self.gts: list[tuple[np.ndarray, np.ndarray]] = []  # per image (boxes [M, 4] xyxy, cls [M])
+        self.preds: list[np.ndarray] = []  # per image [N, 6], as given
+        self.instances = np.zeros(nc, np.int64)
+        self.images_per_class = np.zeros(nc, np.int64)
+        self._ids: set = set()
+        self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_pairs = 0
+        self._stats: list[tuple[np.ndarray, ...]] = []  # per chunk: score, cls, tp [n, T], image index, rank
+        self._matrix = np.zeros((nc + 1, nc + 1), np.int64)
+        self._result: dict[str, np.ndarray] | None = None
+
+    # --- accumulation -------------------------------------------------------------------------
+    def update(self, pred: torch.Tensor, gt_boxes: torch.Tensor, gt_cls: torch.Tensor, image_id: Any = None,
+               image_size: tuple[int, int] | None = None, file_name: str | None = None) -> None:
+        """Add one image: ``pred (Tensor[N, 6])``, ``gt_boxes (Tensor[M, 4])``, ``gt_cls (Tensor[M])``.
+
+        ``image_id`` defaults to the running image count; a string of digits becomes an int (as COCO
+        ids); an id seen before gets a ``_2``, ``_3`` suffix and a warning. ``image_size`` is
+        ``(width, height)`` and, like ``file_name``, only goes into the COCO JSON.
+        """
+        try:
+            pred, boxes, cls = _as_array(pred, 6), _as_array(gt_boxes, 4), _as_classes(gt_cls)
+        except ValueError as e:
+            raise ValueError(f"image {image_id} ({file_name}): {e}") from None
+        pcls = np.rint(pred[:, 5]).astype(np.int64)
+        if len(boxes) != len(cls):
+            raise ValueError(f"image {image_id}: {len(boxes)} gt boxes but {len(cls)} gt classes")
+        for what, c in (("gt", cls), ("predicted", pcls)):
+            if len(c) and (c.min() < 0 or c.max() >= self.nc):
+                raise ValueError(f"image {image_id}: {what} class {int(c[(c < 0) | (c >= self.nc)][0])} "
+                                 f"outside 0..{self.nc - 1} ({self.nc} names)")
+        image = {"id": self._unique_id(image_id), "file_name": file_name or ""}
+        if image_size is not None:
+            image["width"], image["height"] = int(image_size[0]), int(image_size[1])
+        index = len(self.images)
+        self.images.append(image)
+        self.gts.append((boxes, cls))
+        self.preds.append(pred)
+        self.instances += np.bincount(cls, minlength=self.nc)
+        self.images_per_class[np.unique(cls)] += 1
+        keep = _top_per_class(pred[:, 4], pcls)
+        pairs = len(keep) * len(boxes)
+        if self._pending and self._pending_pairs + pairs > _CHUNK_ELEMENTS:
+            self._flush()
+        self._pending.append((index, pred[keep], boxes, cls))
+        self._pending_pairs += pairs
+        if len(self._pending) >= _CHUNK_IMAGES:
+            self._flush()
+        self._result = None
+
+    def _unique_id(self, image_id: Any) -> Any:
+        if image_id is None:
+            image_id = len(self.images)
+        image_id = image_id.item() if hasattr(image_id, "item") else image_id
+        if isinstance(image_id, str) and image_id.isdigit():
+            image_id = int(image_id)
+        new, n = image_id, 1
+        while new in self._ids:
+            n += 1
+            new = f"{image_id}_{n}"
+        if n > 1:
+            LOGGER.warning(f"DetectMetrics: image id {image_id!r} seen before, using {new!r}")
+        self._ids.add(new)
+        return new
+
+    def _flush(self) -> None:
+        """Match the pending images as one padded batch (images sorted by detection count)."""
+        if not self._pending:
+            return
+        items = sorted(self._pending, key=lambda it: -len(it[1]))
+        self._pending, self._pending_pairs = [], 0
+        bsz, dn, gn = len(items), max(len(it[1]) for it in items), max(len(it[2]) for it in items)
+        det = np.zeros((bsz, dn, 6))
+        gt = np.zeros((bsz, gn, 4))
+        gcls = np.full((bsz, gn), -1, np.int64)
+        n_dets = np.array([len(it[1]) for it in items])
+        for b, (_, p, boxes, cls) in enumerate(items):
+            det[b, : len(p)], gt[b, : len(boxes)], gcls[b, : len(cls)] = p, boxes, cls
+        dcls = np.rint(det[..., 5]).astype(np.int64)
+        dvalid = np.arange(dn) < n_dets[:, None]
+        iou = coco_iou(xyxy_to_coco(det[..., :4].reshape(-1, 4)).reshape(bsz, dn, 4),
+                       xyxy_to_coco(gt.reshape(-1, 4)).reshape(bsz, gn, 4))
+        iou = np.where(dvalid[:, :, None] & (gcls[:, None, :] >= 0), iou, -1.0)
+        tp = _greedy_coco(np.where(dcls[:, :, None] == gcls[:, None, :], iou, -1.0), n_dets)
+        image_index = np.array([it[0] for it in items])
+        self._stats.append((det[..., 4][dvalid], dcls[dvalid], tp[dvalid],
+                            np.broadcast_to(image_index[:, None], dvalid.shape)[dvalid],
+                            np.broadcast_to(np.arange(dn), dvalid.shape)[dvalid]))
+        self._update_matrix(np.where((det[..., 4] >= self.matrix_conf)[:, :, None], iou, -1.0),
+                            dcls, gcls, dvalid & (det[..., 4] >= self.matrix_conf))
+
+    def _update_matrix(self, iou: np.ndarray, dcls: np.ndarray, gcls: np.ndarray, dconf: np.ndarray) -> None:
+        """``iou (ndarray[B, D, G])`` class-agnostic, -1 for padding and low-score detections."""
+        b, d, g = _greedy_pairs(iou, self.matrix_iou)
+        np.add.at(self._matrix, (dcls[b, d], gcls[b, g]), 1)
+        gt_left = gcls >= 0
+        gt_left[b, g] = False
+        np.add.at(self._matrix, (self.nc, gcls[gt_left]), 1)
+        det_left = dconf.copy()
+        det_left[b, d] = False
+        np.add.at(self._matrix, (dcls[det_left], self.nc), 1)
+
+    # --- results ------------------------------------------------------------------------------
+    def _sorted_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All detections as COCOeval.accumulate orders them: by class, score descending, then image
+        (sorted image ids, as ``COCOeval.params.imgIds``), then rank in the image."""
+        self._flush()
+        if not self._stats:
+            return np.zeros(0), np.zeros(0, np.int64), np.zeros((0, len(IOU_THRESHOLDS)), bool)
+        score, cls, tp, image, rank = (np.concatenate(x) for x in zip(*self._stats))
+        ids = [im["id"] for im in self.images]
+        try:
+            order = sorted(range(len(ids)), key=ids.__getitem__)
+        except TypeError:  # ids of mixed types: keep the order of arrival
+            order = list(range(len(ids)))
+        image_rank = np.empty(len(ids), np.int64)
+        image_rank[order] = np.arange(len(ids))
+        idx = np.lexsort((rank, image_rank[image], -score, cls))
+        return score[idx], cls[idx], tp[idx]
+
+    def _compute(self) -> dict[str, np.ndarray]:
+        if self._result is not None:
+            return self._result
+        score, cls, tp = self._sorted_stats()
+        nc, n_t = self.nc, len(IOU_THRESHOLDS)
+        precision = -np.ones((n_t, len(RECALL_THRESHOLDS), nc))
+        p_curve, r_curve = np.zeros((nc, len(CONF_GRID))), np.zeros((nc, len(CONF_GRID)))
+        bounds = np.searchsorted(cls, np.arange(nc + 1))
+        for k in np.nonzero(self.instances)[0]:
+            s = slice(bounds[k], bounds[k + 1])
+            precision[:, :, k] = _coco_precision(tp[s], int(self.instances[k]))
+            p_curve[k], r_curve[k] = _pr_curves(tp[s, 0], score[s], int(self.instances[k]))
+        has_gt = self.instances > 0
+        f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + 1e-16)
+        best = int(_smooth(f1_curve[has_gt].mean(0)).argmax()) if has_gt.any() else 0
+        nan = np.full(nc, np.nan)
+        ap_per_iou = np.where(has_gt[:, None], precision.mean(1).T, np.nan)
+        res = {"precision": precision, "ap_per_iou": ap_per_iou, "ap50": ap_per_iou[:, 0],
+               "ap": ap_per_iou.mean(1), "p": np.where(has_gt, p_curve[:, best], nan),
+               "r": np.where(has_gt, r_curve[:, best], nan), "f1": np.where(has_gt, f1_curve[:, best], nan),
+               "p_curve": p_curve, "r_curve": r_curve, "f1_curve": f1_curve, "best_conf": CONF_GRID[best],
+               "map50": precision[0][:, has_gt].mean() if has_gt.any() else 0.0,  # pycocotools' s[s > -1].mean()
+               "map": precision[:, :, has_gt].mean() if has_gt.any() else 0.0}
+        self._result = res
+        return res
+
+    @property
+    def matrix(self) -> np.ndarray:
+        self._flush()
+        return self._matrix
+
+    ap50 = property(lambda self: self._compute()["ap50"], doc="AP at IoU 0.5 per class, ndarray[nc].")
+    ap = property(lambda self: self._compute()["ap"], doc="AP at IoU 0.5:0.95 per class, ndarray[nc].")
+    ap_per_iou = property(lambda self: self._compute()["ap_per_iou"], doc="AP per class and IoU, [nc, 10].")
+    precision = property(lambda self: self._compute()["precision"], doc="COCO precision, [10, 101, nc].")
+    p = property(lambda self: self._compute()["p"], doc="Precision per class at the best-F1 confidence.")
+    r = property(lambda self: self._compute()["r"], doc="Recall per class at the best-F1 confidence.")
+    f1 = property(lambda self: self._compute()["f1"], doc="F1 per class at the best-F1 confidence.")
+
+    def _mean(self, key: str) -> float:
+        values = self._compute()[key]
+        return float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+
+    def results(self) -> dict[str, float]:
+        res = self._compute()
+        return {"metrics/precision(B)": self._mean("p"), "metrics/recall(B)": self._mean("r"),
+                "metrics/mAP50(B)": float(res["map50"]), "metrics/mAP50-95(B)": float(res["map"])}
+
+    def fitness(self) -> float:
+        """What "best" means for detection: 0.1 x mAP50 + 0.9 x mAP50-95."""
+        res = self._compute()
+        return float(0.1 * res["map50"] + 0.9 * res["map"])
+
+    def per_class_rows(self) -> list[dict[str, Any]]:
+        """One dict per class: name, images, instances, p, r, map50, map (NaN without ground truth)."""
+        res = self._compute()
+        return [{"class": i, "name": name, "images": int(self.images_per_class[i]),
+                 "instances": int(self.instances[i]), "p": float(res["p"][i]), "r": float(res["r"][i]),
+                 "map50": float(res["ap50"][i]), "map": float(res["ap"][i])} for i, name in enumerate(self.names)]
+
+    def summary_lines(self, per_class: bool = True) -> list[str]:
+        """The validation table: header, the 'all' row, then one row per class with ground truth."""
+        res = self.results()
+        fmt = "{:>22}{:>11}{:>11}{:>11.3g}{:>11.3g}{:>11.3g}{:>11.3g}"
+        lines = [("{:>22}" + "{:>11}" * 6).format("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"),
+                 fmt.format("all", len(self.images), int(self.instances.sum()), *res.values())]
+        if per_class:
+            lines += [fmt.format(row["name"][:22], row["images"], row["instances"], row["p"], row["r"],
+                                 row["map50"], row["map"]) for row in self.per_class_rows() if row["instances"]]
+        return lines
+
+    # --- plots and COCO JSON ------------------------------------------------------------------
+    def plot(self, save_dir: str | Path) -> None:
+        """``PR_curve.png``, ``F1_curve.png``, ``P_curve.png``, ``R_curve.png``, ``confusion_matrix.png``."""
+        from vistrain.utils.plotting import plot_confusion_matrix
+
+        save_dir = Path(save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        res = self._compute()
+        has_gt = self.instances > 0
+        pr = res["precision"][0].T  # [nc, 101] precision at IoU 0.5 against recall
+        _plot_curves(RECALL_THRESHOLDS, pr, self.names, has_gt, "Recall", "Precision",
+                     f"all classes {res['map50']:.3f} mAP@0.5", save_dir / "PR_curve.png")
+        for key, label, name in (("f1_curve", "F1", "F1_curve.png"), ("p_curve", "Precision", "P_curve.png"),
+                                 ("r_curve", "Recall", "R_curve.png")):
+            mean = res[key][has_gt].mean(0) if has_gt.any() else np.zeros_like(CONF_GRID)
+            i = int(_smooth(mean).argmax())
+            _plot_curves(CONF_GRID, res[key], self.names, has_gt, "Confidence", label,
+                         f"all classes {mean[i]:.2f} at {CONF_GRID[i]:.3f}", save_dir / name)
+        plot_confusion_matrix(self.matrix, self.names + ["background"], save_dir / "confusion_matrix.png")
+
+    def coco_json(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(annotations, predictions)``: COCO ground truth of every image seen and the detections."""
+        annotations = coco_annotations(self.images, self.gts, self.names)
+        return annotations, coco_predictions(self.preds, [im["id"] for im in self.images])
+
+
+def _plot_curves(x: np.ndarray, ys: np.ndarray, names: list[str], show: np.ndarray, xlabel: str, ylabel: str,
+                 mean_label: str, path: Path) -> None:
+    """One thin line per class with ground truth (``ys (ndarray[nc, X])``, legend up to 20), the mean thick."""
+    from vistrain.utils.plotting import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
+    legend = int(show.sum()) <= 20
+    for i in np.nonzero(show)[0]:
+        ax.plot(x, ys[i], linewidth=1, label=names[i] if legend else None)
+    mean = ys[show].mean(0) if show.any() else np.zeros_like(x)
+    ax.plot(x, mean, linewidth=3, color="blue", label=mean_label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title=f"{ylabel}-{xlabel} curve")
+    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def coco_annotations(images: Sequence[dict[str, Any]], gts: Sequence[tuple[Any, Any]],
+                     names: Sequence[str]) -> dict[str, Any]:
+    """COCO ground truth: ``images[i]`` a dict with ``id`` (and ``file_name``, ``width``, ``height``),
+    ``gts[i] = (boxes (Tensor[M, 4]) x1, y1, x2, y2 pixels, cls (Tensor[M]))``. Annotation ids run from
+    1, ``area = w * h``, ``iscrowd = 0``, category id = class index + ``CATEGORY_ID_OFFSET``."""
+    if len(images) != len(gts):
+        raise ValueError(f"{len(images)} images but {len(gts)} ground-truth entries")
+    anns: list[dict[str, Any]] = []
+    for image, (boxes, cls) in zip(images, gts):
+        for box, c in zip(xyxy_to_coco(_as_array(boxes, 4)).tolist(), _as_classes(cls).tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": c + CATEGORY_ID_OFFSET,
+                         "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    return {"info": {"description": "vistrain ground truth"}, "images": [dict(im) for im in images],
+            "annotations": anns,
+            "categories": [{"id": i + CATEGORY_ID_OFFSET, "name": n} for i, n in enumerate(names)]}
+
+
+def coco_predictions(preds: Sequence[Any], image_ids: Sequence[Any]) -> list[dict[str, Any]]:
+    """COCO results: ``preds[i] (Tensor[N, 6])`` x1, y1, x2, y2, score, class (pixels) of image
+    ``image_ids[i]`` -> ``[{image_id, category_id, bbox [x, y, w, h], score}]``, full float precision."""
+    if len(preds) != len(image_ids):
+        raise ValueError(f"{len(preds)} prediction entries but {len(image_ids)} image ids")
+    out = []
+    for image_id, pred in zip(image_ids, preds):
+        pred = _as_array(pred, 6)
+        for box, score, c in zip(xyxy_to_coco(pred[:, :4]).tolist(), pred[:, 4].tolist(),
+                                 _as_classes(pred[:, 5]).tolist()):
+            out.append({"image_id": image_id, "category_id": c + CATEGORY_ID_OFFSET, "bbox": box, "score": score})
+    return out
+
+
+def write_coco_json(metrics: DetectMetrics, save_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``annotations.json`` and ``predictions.json`` (COCO) of ``metrics`` into ``save_dir``."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    annotations, predictions = metrics.coco_json()
+    paths = save_dir / "annotations.json", save_dir / "predictions.json"
+    for path, obj in zip(paths, (annotations, predictions)):
+        path.write_text(json.dumps(obj))
+    return paths
