@@ -143,3 +143,30 @@ def test_time_limit_and_patience(colour_folder):
     res = vistrain.train(data=str(colour_folder), epochs=50, patience=1, plots=False,
                          **{**FAST, "optimizer": "SGD", "lr0": 0.0})
     assert res["epochs_done"] == 2  # lr 0: no improvement after epoch 1, stop one epoch later
+
+
+def test_non_finite_loss_skipped_then_divergence_stops_with_message(colour_folder, monkeypatch, capsys):
+    from vistrain.engine.utils import UserError
+    from vistrain.tasks.classify import ClassifyTask
+
+    real = ClassifyTask.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, preds, batch):
+        loss, items = real(self, preds, batch)
+        calls["n"] += 1
+        if self.nan_mode == "always" or calls["n"] == 2:
+            loss = loss * float("nan")
+        return loss, items
+
+    monkeypatch.setattr(ClassifyTask, "loss", sometimes_nan)
+    monkeypatch.setattr(ClassifyTask, "nan_mode", "once", raising=False)
+    res = vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
+    ckpt = load_checkpoint(Path(res["save_dir"]) / "weights" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    out = capsys.readouterr()
+    assert "1 batches skipped for a non-finite loss" in out.out + out.err
+    monkeypatch.setattr(ClassifyTask, "nan_mode", "always", raising=False)
+    monkeypatch.setattr(Trainer, "MAX_BAD_STEPS", 3)
+    with pytest.raises(UserError, match="training diverged: the loss was NaN/inf for 3 batches in a row"):
+        vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)

@@ -308,3 +308,15 @@ def test_batched_evolution_equals_one_at_a_time():
         if fg > f:
             f, k = fg, kg
     assert np.allclose(got, k, rtol=1e-6)
+
+
+def test_ciou_gradient_finite_for_degenerate_predicted_boxes():
+    """A predicted side that underflowed to 0 must not turn the gradients into NaN (it did with
+    torchvision's CIoU alone, which divides by the height); ordinary boxes are unaffected."""
+    pred = torch.tensor([[0.5, 0.5, 1.0, 0.0], [0.5, 0.5, 1e-30, 1e-30], [0.4, 0.6, 0.8, 1.2]], requires_grad=True)
+    target = torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 3)
+    value = ciou(pred, target)
+    (1 - value).sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(pred.grad).all()
+    plain = 1 - torchvision.ops.complete_box_iou_loss(xywh2xyxy(pred[2:].detach()), xywh2xyxy(target[2:]))
+    assert torch.allclose(value[2], plain)

@@ -206,6 +206,7 @@ class Trainer:
         self.train_loader.generator.manual_seed(cfg["seed"] + self.epoch)  # resume reproduces the data order
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = torch.zeros(len(self.task.loss_names))
+        counted = 0  # batches in the running means (a skipped non-finite batch is not)
         train_metric_names = getattr(self.task, "train_metric_names", ())
         self.train_metric_means = torch.zeros(len(train_metric_names))
         names = " ".join(f"{n:>9}" for n in self.task.loss_names)
@@ -221,14 +222,17 @@ class Trainer:
             with torch.autocast(self.device.type, enabled=self.amp):
                 preds = self.model(batch["img"])
                 loss, items = self.task.loss(preds, batch)
+            if not self.loss_is_finite(loss):
+                continue
             self.scaler.scale(loss).backward()
             if ni - self.last_opt_step >= self.accumulate:
                 self.optimizer_step()
                 self.last_opt_step = ni
-            mean_loss = (mean_loss * i + items.detach().float().cpu()) / (i + 1)
+            mean_loss = (mean_loss * counted + items.detach().float().cpu()) / (counted + 1)
             if train_metric_names:
                 batch_metrics = self.task.train_metrics(preds, batch).float().cpu()
-                self.train_metric_means = (self.train_metric_means * i + batch_metrics) / (i + 1)
+                self.train_metric_means = (self.train_metric_means * counted + batch_metrics) / (counted + 1)
+            counted += 1
             seen += batch["img"].shape[0]
             mem = f"{torch.cuda.memory_reserved() / 2**30:.3g}G" if self.device.type == "cuda" else "0G"
             values = " ".join(f"{float(v):>9.4g}" for v in mean_loss)
@@ -255,10 +259,32 @@ class Trainer:
             if "momentum" in group:
                 group["momentum"] = float(np.interp(ni, xi, [cfg["warmup_momentum"], cfg["momentum"]]))
 
+    MAX_BAD_STEPS = 10  # non-finite losses / gradients in a row before training stops
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """A NaN/inf loss is skipped (no backward, no step) so the weights stay finite; many in a row stop
+        the run with a message instead of training on garbage."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            self.bad_steps = 0
+            return True
+        self.bad_steps = getattr(self, "bad_steps", 0) + 1
+        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        if self.skipped_steps == 1:
+            LOGGER.warning(f"non-finite loss ({float(loss.detach().float().sum())}) in epoch {self.epoch + 1}: batch "
+                           f"skipped (the count is in the final summary)")
+        if self.bad_steps >= self.MAX_BAD_STEPS:
+            raise UserError(f"training diverged: the loss was NaN/inf for {self.bad_steps} batches in a row in epoch "
+                            f"{self.epoch + 1}; lower lr0 (now {self.lr0}), lengthen warmup_epochs, or check the data")
+        return False
+
     def optimizer_step(self) -> None:
         self.scaler.unscale_(self.optimizer)
         if self.cfg["clip_grad"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg["clip_grad"])
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.cfg["clip_grad"])
+            if not self.amp and not bool(torch.isfinite(norm)):  # (AMP's scaler skips such steps itself)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.loss_is_finite(norm)  # counted and reported like a non-finite loss
+                return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -343,6 +369,8 @@ class Trainer:
         best = self.wdir / "best.pt"
         hours = (time.time() - self.t_start) / 3600
         LOGGER.info(f"\n{self.epoch - self.start_epoch + 1} epochs completed in {hours:.3f} hours.")
+        if getattr(self, "skipped_steps", 0):
+            LOGGER.warning(f"{self.skipped_steps} batches skipped for a non-finite loss or gradient")
         model = self.ema.ema if self.ema else self.model
         if best.exists():
             model.load_state_dict(load_checkpoint(best)["model"])
