@@ -9,6 +9,7 @@ augmentation, ``ori_labels`` (the labels in original pixels, xyxy) for scoring.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -20,7 +21,7 @@ from vistrain.data import augment as A
 from vistrain.data.image import BadImageError, load_image
 from vistrain.data.yolo import ImageLabels
 
-LOGGER_NAME = "vistrain"
+LOGGER = logging.getLogger("vistrain")
 
 
 def _xywhn_to_xyxy(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
@@ -122,10 +123,8 @@ class DetectDataset(Dataset):
             try:
                 return j, self.load(j)
             except BadImageError as e:
-                import logging
-
                 self.failed.add(self.items[j].im_file)
-                logging.getLogger(LOGGER_NAME).warning(f"skipping unreadable image {e} (using another instead)")
+                LOGGER.warning(f"skipping unreadable image {e} (using another instead)")
         raise RuntimeError("none of the dataset's images can be read")
 
     # -- samples --

@@ -96,8 +96,7 @@ class Trainer:
         self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
-                                        shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
+        self.train_loader = self.make_train_loader()
         self.val_loader = make_loader(self.data.val, self.task, cfg["batch"], cfg["workers"], shuffle=False,
                                       device=self.device)
         self.epochs = cfg["epochs"]
@@ -113,6 +112,12 @@ class Trainer:
             self.load_training_state(self.resume_ckpt)
         elif self.csv.exists():
             self.csv.unlink()
+
+    def make_train_loader(self):
+        """Shuffled, seeded batches (in order for rectangular batches, whose shapes follow the order)."""
+        cfg = self.cfg
+        return make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
+                           shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay)."""
@@ -171,8 +176,7 @@ class Trainer:
             self.epoch = epoch
             self.run_callbacks("on_epoch_start")
             if hasattr(self.task, "epoch_start") and self.task.epoch_start(self):
-                self.train_loader = make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
-                                                shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
+                self.train_loader = self.make_train_loader()
             train_losses = self.train_epoch()
             self.scheduler.step()
             val_model = self.ema.ema if self.ema else self.model

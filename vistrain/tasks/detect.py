@@ -218,6 +218,7 @@ class DetectTask:
 
     # --- plots --------------------------------------------------------------------------
     def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None:
+        from vistrain.ops.boxes import xywh2xyxy
         from vistrain.utils.plotting import plot_detections
 
         imgs = batch["img"][:16].detach().float().cpu()
@@ -228,7 +229,7 @@ class DetectTask:
             boxes = []
             for i in range(len(imgs)):
                 ti = t[t[:, 0] == i]
-                xyxy = torch.cat((ti[:, 2:4] - ti[:, 4:6] / 2, ti[:, 2:4] + ti[:, 4:6] / 2), 1) * torch.tensor([w, h, w, h])
+                xyxy = xywh2xyxy(ti[:, 2:6]) * torch.tensor([w, h, w, h])
                 boxes.append(torch.cat((xyxy, torch.ones(len(ti), 1), ti[:, 1:2]), 1))
         else:
             settings = {**nms_settings(self.cfg, "predict"), "conf": 0.25}

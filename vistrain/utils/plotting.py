@@ -136,7 +136,8 @@ def colour(i: int) -> tuple[int, int, int]:
     return palette[int(i) % len(palette)]
 
 
-def draw_boxes(image: Image.Image, boxes, names: list[str], show_conf: bool = True, width: int | None = None) -> Image.Image:
+def draw_boxes(image: Image.Image, boxes, names: list[str], show_conf: bool = True,
+               width: int | None = None) -> Image.Image:
     """Copy of ``image`` with ``boxes (Tensor/array[K, 6])`` (x1, y1, x2, y2, score, class, pixels) drawn."""
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
@@ -182,7 +183,8 @@ def plot_label_distribution(cls: np.ndarray, boxes: np.ndarray, names: list[str]
     ax[0].bar(range(len(names)), counts, color=[np.array(colour(i)) / 255 for i in range(len(names))])
     ax[0].set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
     ax[0].set_ylabel("instances")
-    for a, (i, j), labels in ((ax[1], (0, 1), ("x", "y", "box centres")), (ax[2], (2, 3), ("width", "height", "box sizes"))):
+    panels = ((ax[1], (0, 1), ("x", "y", "box centres")), (ax[2], (2, 3), ("width", "height", "box sizes")))
+    for a, (i, j), labels in panels:
         if len(boxes):
             a.hist2d(boxes[:, i], boxes[:, j], bins=50, range=[[0, 1], [0, 1]], cmap="Blues")
         a.set(xlabel=labels[0], ylabel=labels[1], title=labels[2])
