@@ -10,6 +10,11 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# yolov5 is a test oracle only (AGPL, never imported by vistrain): tests/test_yolov5_oracle.py. --no-deps keeps
+# its pins (thop, ultralytics, ...) away from torch; the line before it is all its import chain needs
+# (setuptools<81 for pkg_resources, still >= the 77.0.3 that torch asks for).
+	$(PY) -m pip install --quiet --disable-pip-version-check 'pandas>=2,<4' 'seaborn==0.13.*' 'requests>=2.23' psutil 'setuptools>=77.0.3,<81'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps yolov5==7.0.14
 	@$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
