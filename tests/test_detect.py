@@ -103,3 +103,24 @@ def test_bad_data_yaml_is_one_line_exit_2(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and "images/train does not exist" in p.stderr + p.stdout
+
+
+def test_predict_video_frames(trained, shapes, tmp_path):
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    video = tmp_path / "clip.mp4"
+    paths = sorted((shapes / "detect" / "images" / "val").iterdir())[:3]
+    frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (w, h))
+    for f in frames:
+        writer.write(f[:, :, ::-1].copy())
+    writer.release()
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    results = vistrain.predict(best, str(video), conf=0.001, name="vid", project=str(tmp_path / "runs"))
+    assert [r.extra["frame"] for r in results] == [0, 1, 2]
+    assert all(r.orig_shape == (h, w) and r.boxes.shape[1] == 6 for r in results)
+    out = Path(results[0].extra["save_dir"])
+    assert (out / "clip.mp4").stat().st_size > 0 and (out / "labels" / "clip_2.txt").is_file()
