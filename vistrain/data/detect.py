@@ -95,7 +95,8 @@ class DetectDataset(Dataset):
     def rng(self) -> np.random.Generator:
         """One generator per process (each DataLoader worker is seeded by torch; see ``seed_worker``)."""
         if self._rng is None or self._rng_pid != os.getpid():
-            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32, os.getpid()])
+            # torch seeds each worker from the loader's seeded generator: deterministic, unlike the pid
+            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32])
             self._rng_pid = os.getpid()
         return self._rng
 
