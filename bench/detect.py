@@ -1,6 +1,6 @@
 """YOLOv5s detection on CPU: vistrain vs. its peers, training throughput and inference latency.
 
-    .venv/bin/python bench/detect.py            # full run: ~10 minutes on 2 cores
+    .venv/bin/python bench/detect.py            # full run: ~7 minutes on 2 cores (plus any wait for quiet)
     .venv/bin/python bench/detect.py --quick    # smoke run: small images, a few steps, < 2 minutes
 
 Everything runs in this one process, on the same machine, in alternating counterbalanced runs; each side
@@ -35,8 +35,9 @@ Two peers:
    peers: ``on_train_batch_end``), which stops the run after the timed steps, so validation and checkpointing
    never run.  ultralytics on CPU by default forces ``workers=0`` and sets torch to ``cpu_count - 1`` threads;
    the benchmark undoes both (a Trainer subclass restores ``workers``, an ``on_train_start`` callback the
-   thread count) so both sides run with the same threads and workers.  ``--peer-defaults`` adds a line with
-   ultralytics as shipped on CPU (for information; not in the ratio).
+   thread count) so every side runs with the same threads and workers.  ``--peer-defaults`` adds a line with
+   ultralytics as shipped on CPU (for information; not in the ratio).  5 runs per side, rotated (A B C,
+   C B A, ...); the ratio of the medians is the result, the median of the per-round ratios a check.
 2. Inference latency (ms, batch 1, 640x640): one image of the temp dataset letterboxed to 640x640 once, the
    same float tensor on every side; timed: forward of the eval-mode model + box decoding + NMS (conf 0.25,
    iou 0.45, max_det 300), under ``torch.inference_mode``; not timed: image decoding, letterbox, scaling boxes
@@ -47,8 +48,11 @@ Two peers:
    decodes) + ``ultralytics.utils.nms.non_max_suppression``.  Random weights: the score logits (objectness
    and class; ultralytics: class) are spread out (the score rows of the output convs scaled) and shifted
    (their biases) so that ``--candidates`` boxes pass conf 0.25 on ultralytics and as many on vistrain
-   (the counts are printed), so every NMS call sees the same number of candidates.  Neither model is Conv+BN fused (ultralytics' own predictor
-   fuses; a "peer fused" information line shows what that buys).  Two more information lines ("body") time
+   (the counts are printed), so every NMS call sees the same number of candidates.  No model is Conv+BN
+   fused (ultralytics' own predictor fuses; a "fused" information line shows what that does).  Timing is
+   round robin: each round runs every model once (order reversed every other round), 6 blocks x 15 rounds
+   after 2 warm-up rounds, so slow drifts of the machine's speed hit all sides alike; medians per side,
+   and the median of the per-round ratios as a check.  Two more information lines ("body") time
    every layer but the Detect head, i.e. the backbone and neck, which are the same layers with the same
    parameter count in vistrain and ultralytics, run by one executor: the like-for-like part of those two.
 3. Data: the per-sample cost of each side's training dataset ``__getitem__`` (mosaic, HSV, warp, flips),
@@ -332,7 +336,8 @@ def run_peer(data_yaml: Path, project: Path, args, may_abort: bool, shipped: boo
     if len(clock.stamps) <= args.warmup:
         raise RuntimeError(f"ultralytics ran only {len(clock.stamps)} steps: the training split is too small")
     seen["children"] = len(getattr(clock.cpu, "pids", [0])) - 1
-    del model, held
+    held.clear()
+    del model
     gc.collect()
     return {**clock.result(args.batch), **seen}
 
@@ -591,37 +596,45 @@ def bench_inference(x: torch.Tensor, args) -> dict:
     print("  NMS input: " + "; ".join(f"{k}: {v['candidates']} boxes above conf {CONF} (at init "
                                       f"{v['candidates_at_init']}; logit shift {v['logit_shift']:+.2f}) -> "
                                       f"{v['detections']} kept" for k, v in info.items()), flush=True)
-    times: dict[str, list[float]] = {rn.name: [] for rn in runners}
-    blocks: dict[str, list[dict]] = {rn.name: [] for rn in runners}
-    for b in range(args.infer_blocks):
-        for rn in (runners if b % 2 == 0 else runners[::-1]):
+    # Round robin: every round runs each model once (order reversed every other round), so slow drifts of the
+    # machine's speed hit all sides alike; a block is --infer-iters rounds, watched for other processes.
+    names = [rn.name for rn in runners]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    blocks: list[dict] = []
+    with torch.inference_mode():
+        for _ in range(args.infer_warmup):
+            for rn in runners:
+                rn(x)
+        for b in range(args.infer_blocks):
             for attempt in range(args.retries + 1):
-                with torch.inference_mode():
-                    for _ in range(args.infer_warmup):
-                        rn(x)
-                    mon = CpuMonitor()
-                    mon.start()
-                    ts = []
-                    for _ in range(args.infer_iters):
+                mon = CpuMonitor()
+                mon.start()
+                ts: dict[str, list[float]] = {n: [] for n in names}
+                for i in range(args.infer_iters):
+                    for rn in (runners if i % 2 == 0 else runners[::-1]):
                         t0 = time.perf_counter()
                         rn(x)
-                        ts.append(time.perf_counter() - t0)
+                        ts[rn.name].append(time.perf_counter() - t0)
                 share = mon.share()
                 busy = share is not None and share > args.max_other
                 if busy and attempt < args.retries:
-                    print(f"  infer block {b + 1}/{args.infer_blocks} {rn.name}: DISCARDED, other processes "
+                    print(f"  infer block {b + 1}/{args.infer_blocks}: DISCARDED, other processes "
                           f"{100 * share:.0f}% CPU", flush=True)
                     wait_for_idle(args.max_other, args.max_wait)
                     continue
                 break
-            times[rn.name] += ts
-            blocks[rn.name].append({"median_ms": 1e3 * statistics.median(ts), "other_cpu_share": share,
-                                    "busy_kept": busy})
+            for n in names:
+                times[n] += ts[n]
+            med = {n: 1e3 * statistics.median(ts[n]) for n in names}
+            blocks.append({"median_ms": med, "other_cpu_share": share, "busy_kept": busy})
             other = f", other processes {100 * share:.0f}% CPU" if share is not None else ""
-            print(f"  infer block {b + 1}/{args.infer_blocks} {rn.name:<27} median {1e3 * statistics.median(ts):7.1f} ms "
-                  f"over {len(ts)}{other}", flush=True)
+            print(f"  infer block {b + 1}/{args.infer_blocks} ({args.infer_iters} rounds{other}): "
+                  + ", ".join(f"{n} {m:.1f}" for n, m in med.items()) + " ms", flush=True)
+    # paired: each peer's time over vistrain's in the same round, median over rounds
+    paired = {n: statistics.median(a / b for a, b in zip(times[n], times[V])) for n in names if n != V}
     return {"nms": info, "ms": {k: [1e3 * t for t in v] for k, v in times.items()}, "blocks": blocks,
-            "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}
+            "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "paired_ratio_peer_over_vistrain": paired}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -680,17 +693,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="timed training steps per run (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of every run (default 3)")
-    p.add_argument("--repeats", type=int, default=3, help="training runs per side, alternated; median reported")
+    p.add_argument("--repeats", type=int, default=5, help="training runs per side, alternated; median reported")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--imgsz", type=int, default=320, help="training image size (default 320)")
     p.add_argument("--workers", type=int, default=2, help="dataloader workers on both sides (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads on both sides (default: torch's)")
     p.add_argument("--infer-imgsz", type=int, default=640, help="inference input size (default 640)")
-    p.add_argument("--infer-iters", type=int, default=15, help="timed inferences per block (default 15)")
-    p.add_argument("--infer-warmup", type=int, default=2, help="untimed inferences at the start of a block")
-    p.add_argument("--infer-blocks", type=int, default=6, help="alternating blocks per side (default 6)")
+    p.add_argument("--infer-iters", type=int, default=15,
+                   help="rounds per block; a round times every model once, in alternating order (default 15)")
+    p.add_argument("--infer-warmup", type=int, default=2, help="untimed rounds before the first block")
+    p.add_argument("--infer-blocks", type=int, default=6, help="blocks (default 6)")
     p.add_argument("--candidates", type=int, default=300,
-                   help="boxes above conf 0.25 entering NMS (peer biases shifted to about this, vistrain's to the peer's count; 0 = as initialised)")
+                   help="boxes above conf 0.25 entering NMS: ultralytics' biases are shifted to about this, "
+                        "vistrain's (and so yolov5's) to ultralytics' count; 0 = as initialised (default 300)")
     p.add_argument("--data-samples", type=int, default=32, help="dataset samples per block in the data test")
     p.add_argument("--data-blocks", type=int, default=6, help="alternating blocks per side in the data test")
     p.add_argument("--skip", default="", help="comma list of parts to skip: train, infer, data")
@@ -727,21 +742,24 @@ def parse_args(argv=None):
 
 
 def _ratio_line(label: str, ratio: float, target: float = 1.0) -> str:
-    return f"{label}: {ratio:.2f} (target >= {target:.1f}) {'ok' if ratio >= target else 'BELOW TARGET'}"
+    return f"{label}: {ratio:.3f} (target >= {target:.1f}) {'ok' if ratio >= target else 'BELOW TARGET'}"
 
 
 def _peer_ratio_lines(ratios: dict, info: dict) -> list[str]:
     lines = []
     for peer in (Y, P):
         if f"train_vs_{peer}" in ratios:
-            lines.append(_ratio_line(f"ratio training img/s vistrain/{peer}", ratios[f"train_vs_{peer}"]))
+            lines.append(_ratio_line(f"ratio training img/s vistrain/{peer}", ratios[f"train_vs_{peer}"])
+                         + f"  [round by round: {ratios[f'train_vs_{peer}_paired']:.2f}]")
         if f"infer_vs_{peer}" in ratios:
             lines.append(_ratio_line(f"ratio inference speed vistrain/{peer} ({peer} ms / vistrain ms)",
-                                     ratios[f"infer_vs_{peer}"]))
-    if f"train_vs_{P}" in ratios or f"infer_vs_{P}" in ratios:
+                                     ratios[f"infer_vs_{peer}"])
+                         + f"  [round by round: {ratios[f'infer_vs_{peer}_paired']:.2f}]")
+    per_gflop = [f"{part} {ratios[f'{part}_vs_{P}_per_gflop']:.2f}" for part in ("train", "infer")
+                 if f"{part}_vs_{P}_per_gflop" in ratios]
+    if per_gflop:
         lines.append(f"  {P} per GFLOP of its model (x {info[V]['gflops_640']:.1f}/{info[P]['gflops_640']:.1f}): "
-                     f"training {ratios.get('train_vs_ultralytics_per_gflop', float('nan')):.2f}, inference "
-                     f"{ratios.get('infer_vs_ultralytics_per_gflop', float('nan')):.2f} (information)")
+                     f"{', '.join(per_gflop)} (information)")
     if "infer_body_vs_ultralytics" in ratios:
         lines.append(f"  {P} backbone + neck only (the same layers, {info[V]['body_gflops_640']:.1f} / "
                      f"{info[P]['body_gflops_640']:.1f} GFLOPs): {ratios['infer_body_vs_ultralytics']:.2f} "
@@ -828,18 +846,21 @@ def main(argv=None) -> int:
         for peer in (Y, P):
             if peer in med:
                 ratios[f"train_vs_{peer}"] = med[V] / med[peer]
+                ratios[f"train_vs_{peer}_paired"] = statistics.median(  # run r of both sides: the same round
+                    a["img_per_s"] / b["img_per_s"] for a, b in zip(train[V], train[peer]))
         ratios["train_vs_ultralytics_per_gflop"] = (ratios["train_vs_ultralytics"] * info[V]["gflops_320"]
                                                     / info[P]["gflops_320"])
     if infer:
         med = infer["median_ms"]
         for s, v in med.items():
-            blocks = " ".join(f"{b['median_ms']:.0f}" for b in infer["blocks"][s])
+            blocks = " ".join(f"{b['median_ms'][s]:.0f}" for b in infer["blocks"])
             base = med[f"{V} body (info)"] if "body" in s else med[V]
             vs = f"{med[s] / base:.3f}" if not s.startswith(V) else ""
             print(f"{'infer ' + s:<34}{v:>9.1f} ms  {blocks:>34}{vs:>15}")
         for peer in (Y, P):
             if peer in med:
                 ratios[f"infer_vs_{peer}"] = med[peer] / med[V]
+                ratios[f"infer_vs_{peer}_paired"] = infer["paired_ratio_peer_over_vistrain"][peer]
         if f"{V} body (info)" in med:
             ratios["infer_body_vs_ultralytics"] = med[f"{P} body (info)"] / med[f"{V} body (info)"]
         ratios["infer_vs_ultralytics_per_gflop"] = (ratios["infer_vs_ultralytics"] * info[V]["gflops_640"]
