@@ -23,7 +23,7 @@ from vistrain.data.classify import (
     scan_image_folder,
     split_index,
 )
-from vistrain.data.image import IMAGE_SUFFIXES, BadImageError, is_image_file, load_image
+from vistrain.data.image import IMAGE_SUFFIXES, BadImageError, is_image_file, load_image, load_rgb_array
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -148,6 +148,30 @@ def test_exif_orientation_applied(tmp_path):
         assert raw.size == (40, 20)
     assert load_image(path).size == (20, 40)
     assert load_image(path, draft=(8, 8)).size[1] > load_image(path, draft=(8, 8)).size[0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_load_rgb_array_jpeg_fast_path_equals_pillow(tmp_path, mode, orientation):
+    """JPEGs decode through OpenCV: same pixels and orientation as load_image (CMYK within rounding)."""
+    rng = np.random.default_rng(orientation)
+    smooth = np.kron((rng.random((5, 8, 3)) * 255).astype(np.uint8), np.ones((6, 6, 1), np.uint8))
+    path = tmp_path / "im.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(smooth).convert(mode).save(path, exif=exif)
+    ref = np.asarray(load_image(path)).astype(int)
+    fast = load_rgb_array(path)
+    assert fast.dtype == np.uint8 and fast.shape == ref.shape
+    assert np.abs(fast.astype(int) - ref).max() <= (1 if mode == "CMYK" else 0)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_load_rgb_array_bad_file_raises_bad_image_error(tmp_path, suffix):
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(b"not an image at all")
+    with pytest.raises(BadImageError, match="bad"):
+        load_rgb_array(path)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "text", "missing"])

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vistrain.data import augment as A
-from vistrain.data.image import BadImageError, load_image
+from vistrain.data.image import BadImageError, load_rgb_array
 from vistrain.data.yolo import ImageLabels
 
 LOGGER = logging.getLogger("vistrain")
@@ -104,7 +104,7 @@ class DetectDataset(Dataset):
     def load(self, i: int) -> tuple[np.ndarray, A.Instances, tuple[int, int]]:
         """Image ``i`` resized so its long side is ``imgsz`` and its labels in those pixels -> (img, inst, (h0, w0))."""
         it = self.items[i]
-        img = np.asarray(load_image(it.im_file))
+        img = load_rgb_array(it.im_file)
         h0, w0 = img.shape[:2]
         img, scale = A.load_resized(img, self.imgsz)
         h, w = img.shape[:2]

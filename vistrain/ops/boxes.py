@@ -36,10 +36,10 @@ def decode_yolov5(preds: list[torch.Tensor], anchors: torch.Tensor, strides: tor
                                 torch.arange(w, device=p.device, dtype=torch.float32), indexing="ij")
         grid = torch.stack((xv, yv), -1).view(1, 1, h, w, 2)
         anchor_px = (anchor.to(p.device) * stride).view(1, na, 1, 1, 2)
-        y = p.float().sigmoid()
-        xy = (y[..., :2] * 2 - 0.5 + grid) * stride
-        wh = (y[..., 2:4] * 2) ** 2 * anchor_px
-        out.append(torch.cat((xy, wh, y[..., 4:]), -1).view(b, -1, no))
+        y = p.float().sigmoid()  # a new tensor: the box columns are rewritten in place
+        y[..., :2] = (y[..., :2] * 2 - 0.5 + grid) * stride
+        y[..., 2:4] = (y[..., 2:4] * 2) ** 2 * anchor_px
+        out.append(y.view(b, -1, no))
     return torch.cat(out, 1)
 
 
@@ -53,6 +53,7 @@ def non_max_suppression(decoded: torch.Tensor, conf: float = 0.25, iou: float = 
     """
     results = []
     for x in decoded:
+        x = x[x[:, 4] > conf]  # class probabilities are <= 1, so score > conf needs objectness > conf
         scores_all = x[:, 5:] * x[:, 4:5]
         score, cls = scores_all.max(1)
         keep = score > conf
