@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,13 @@ def test_builtin_list_complete():
         assert name in ALL
 
 
-def output_shapes(out) -> list[tuple[int, ...]]:
-    return [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else [tuple(out.shape)]
+def shapes(out):
+    """Nested shapes of a model output: a tensor's shape, or a list of the shapes of a list / tuple."""
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else [shapes(o) for o in out]
+
+
+def tensors(out) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else [t for o in out for t in tensors(o)]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -38,13 +44,17 @@ def test_every_model_builds_and_runs(name):
     with torch.no_grad():
         out = model(torch.rand(2, 3, imgsz, imgsz))
     if model.task == "classify":
-        expected = [(2, 3)]
-    else:  # anchor-based detect: [B, anchors, H, W, 5 + nc] per stride 8 / 16 / 32
+        expected = (2, 3)
+    elif name.startswith("yolov5"):  # anchor-based detect: [B, anchors, H, W, 5 + nc] per stride 8 / 16 / 32
         expected = [(2, 3, imgsz // s, imgsz // s, 8) for s in (8, 16, 32)]
-    assert output_shapes(out) == expected
-    assert all(torch.isfinite(o).all() for o in (out if isinstance(out, list) else [out]))
+    else:  # anchor-free: [B, 4 * 16 + nc, H, W] per level; segment adds coefficients and prototypes
+        expected = [(2, 64 + 3, imgsz // s, imgsz // s) for s in (8, 16, 32)]
+        if model.task == "segment":
+            expected = [expected, (2, 32, sum((imgsz // s) ** 2 for s in (8, 16, 32))), (2, 32, 16, 16)]
+    assert shapes(out) == expected
+    assert all(torch.isfinite(t).all() for t in tensors(out))
     model.train()
-    assert output_shapes(model(torch.rand(2, 3, imgsz, imgsz))) == expected  # same return type in train mode
+    assert shapes(model(torch.rand(2, 3, imgsz, imgsz))) == expected  # same return type in train mode
 
 
 @pytest.mark.parametrize("depth,count", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032),
@@ -101,6 +111,25 @@ def test_yolov5_detect_param_counts(name, count):
     # anchors kept per level, in stride units: P3 anchors (10,13) / 8
     assert torch.allclose(head.anchors[0, 0], torch.tensor([10 / 8, 13 / 8]))
     assert torch.allclose(head.anchors[2, 2] * 32, torch.tensor([373.0, 326.0]))
+
+
+@pytest.mark.parametrize("name,count", [("yolov8n", 3_157_200), ("yolov8s", 11_166_560), ("yolov8n-seg", 3_409_968),
+                                        ("yolov8s-seg", 11_821_056), ("yolov8m-seg", 27_285_968)])
+def test_yolov8_param_counts_strides_and_bias_prior(name, count):
+    model = build_model(name, num_classes=80)
+    assert n_params(model) == count
+    head = model.layers[-1]
+    assert head.stride.tolist() == [8.0, 16.0, 32.0] and head.reg_max == 16
+    assert model.task == ("segment" if name.endswith("-seg") else "detect")
+    assert torch.all(head.cv2[0][-1].bias == 2.0)
+    assert torch.allclose(head.cv3[2][-1].bias, torch.full((80,), math.log(5 / 80 / (640 / 32) ** 2)))
+    assert not head.dfl.conv.weight.requires_grad  # the DFL bins are fixed
+    x = torch.rand(1, 3, 64, 96)
+    out = model.eval()(x)
+    levels = out[0] if isinstance(out, tuple) else out
+    assert [tuple(p.shape) for p in levels] == [(1, 144, 8, 12), (1, 144, 4, 6), (1, 144, 2, 3)]
+    if name.endswith("-seg"):
+        assert out[1].shape == (1, 32, 96 + 24 + 6) and out[2].shape == (1, 32, 16, 24)
 
 
 def test_yolov5_v3_layout_matches_tutorial_table():

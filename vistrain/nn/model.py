@@ -11,7 +11,7 @@ import torch
 import yaml as pyyaml
 from torch import nn
 
-from vistrain.nn.modules import Detect
+from vistrain.nn.modules import Detect, DetectDFL
 from vistrain.nn.parser import ModelYAMLError, parse_model, scale_factors
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
@@ -34,15 +34,23 @@ class YAMLModel(nn.Module):
         head = self.model[-1]
         if isinstance(head, Detect):
             self._init_detect(head, in_channels)
+        elif isinstance(head, DetectDFL):
+            head.stride = self._find_strides(in_channels)
+            head.bias_init()
 
-    def _init_detect(self, head: Detect, in_channels: int, probe: int = 256) -> None:
-        """Find the strides by a forward pass, express anchors in stride units, set the bias priors."""
+    def _find_strides(self, in_channels: int, probe: int = 256) -> torch.Tensor:
+        """Each detection level's stride, from the output sizes of a forward pass on a ``probe`` square."""
         with torch.no_grad():
             was = self.training
             self.eval()
             outs = self.forward(torch.zeros(1, in_channels, probe, probe))
             self.train(was)
-        head.stride = torch.tensor([probe / o.shape[2] for o in outs], dtype=torch.float32)
+        levels = outs[0] if isinstance(outs, tuple) else outs  # Segment: (levels, coefficients, prototypes)
+        return torch.tensor([probe / o.shape[2] for o in levels], dtype=torch.float32)  # H of [B, (na,) H, ...]
+
+    def _init_detect(self, head: Detect, in_channels: int) -> None:
+        """Find the strides by a forward pass, express anchors in stride units, set the bias priors."""
+        head.stride = self._find_strides(in_channels)
         order = head.anchors.prod(-1).mean(-1)  # anchor area per level must grow with stride
         if (order[-1] - order[0]).sign() != (head.stride[-1] - head.stride[0]).sign():
             head.anchors[:] = head.anchors.flip(0)

@@ -10,6 +10,7 @@ Shapes: ``x (Tensor[B, C, H, W])`` unless stated otherwise.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -237,3 +238,92 @@ class Detect(nn.Module):
             b, _, h, w = y.shape
             out.append(y.view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2).contiguous())
         return out
+
+
+class DFL(nn.Module):
+    """Distribution Focal Loss integral: ``reg_max`` logits per box side -> the expected distance in bins.
+
+    ``forward(x: Tensor[B, 4 * reg_max, N]) -> Tensor[B, 4, N]`` = sum_k softmax(x)_k * k per side.  The bin
+    values live in a frozen 1x1 conv (``conv.weight`` = 0..reg_max-1), the layout of ultralytics' files.
+    """
+
+    def __init__(self, reg_max: int = 16):
+        super().__init__()
+        self.reg_max = reg_max
+        self.conv = nn.Conv2d(reg_max, 1, 1, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.arange(reg_max, dtype=torch.float32).view(1, reg_max, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n = x.shape
+        bins = self.conv.weight.view(1, 1, self.reg_max, 1).to(x.dtype)
+        return (x.view(b, 4, self.reg_max, n).softmax(2) * bins).sum(2)
+
+
+def _branch(c1: int, c_mid: int, c_out: int) -> nn.Sequential:
+    """Two 3x3 Convs and a 1x1 output conv with bias: one output branch of the anchor-free heads."""
+    return nn.Sequential(Conv(c1, c_mid, 3), Conv(c_mid, c_mid, 3), nn.Conv2d(c_mid, c_out, 1))
+
+
+class DetectDFL(nn.Module):
+    """Anchor-free YOLOv8 detection head (the original, "legacy" layout of ultralytics' YOLOv8 files).
+
+    Per level, a box branch ``cv2`` (``4 * reg_max`` distance logits: left, top, right, bottom, each a
+    distribution over ``reg_max`` bins) and a class branch ``cv3`` (``nc`` logits).
+    ``forward(xs: list[Tensor[B, ch_i, H_i, W_i]]) -> list[Tensor[B, 4 * reg_max + nc, H_i, W_i]]``, raw, in
+    train and eval mode alike; decoding (:func:`vistrain.ops.boxes.decode_dfl`) is post-processing.
+    """
+
+    def __init__(self, nc: int = 80, ch: tuple[int, ...] = (), reg_max: int = 16):
+        super().__init__()
+        self.nc, self.nl, self.reg_max = nc, len(ch), reg_max
+        self.no = nc + 4 * reg_max
+        c_box, c_cls = max(16, ch[0] // 4, 4 * reg_max), max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(_branch(c, c_box, 4 * reg_max) for c in ch)
+        self.cv3 = nn.ModuleList(_branch(c, c_cls, nc) for c in ch)
+        self.dfl = DFL(reg_max)
+        self.register_buffer("stride", torch.zeros(self.nl), persistent=False)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat((self.cv2[i](x), self.cv3[i](x)), 1) for i, x in enumerate(xs)]
+
+    def bias_init(self, imgsz: int = 640) -> None:
+        """Box logits start at 2.0; class logits at the prior of ~5 objects per ``imgsz`` image over all classes."""
+        with torch.no_grad():
+            for box, cls, s in zip(self.cv2, self.cv3, self.stride.tolist()):
+                box[-1].bias.fill_(2.0)
+                cls[-1].bias.fill_(math.log(5 / self.nc / (imgsz / s) ** 2))
+
+
+class Proto(nn.Module):
+    """Prototype masks for instance segmentation: 3x3 Conv, 2x transposed-conv upsampling, 3x3 Conv, 1x1 Conv
+    to ``c2`` prototypes: ``Tensor[B, c1, H, W] -> Tensor[B, c2, 2H, 2W]``."""
+
+    def __init__(self, c1: int, c_: int = 256, c2: int = 32):
+        super().__init__()
+        self.cv1 = Conv(c1, c_, 3)
+        self.upsample = nn.ConvTranspose2d(c_, c_, 2, 2, 0, bias=True)
+        self.cv2 = Conv(c_, c_, 3)
+        self.cv3 = Conv(c_, c2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(self.cv2(self.upsample(self.cv1(x))))
+
+
+class Segment(DetectDFL):
+    """YOLOv8 instance segmentation head: :class:`DetectDFL` plus ``nm`` mask coefficients per anchor point
+    (branch ``cv4``) and ``nm`` prototype masks at stride 4 (``proto``, from the first level).
+
+    ``forward(xs) -> (per-level detect outputs as DetectDFL, coefficients Tensor[B, nm, N], prototypes
+    Tensor[B, nm, H_0 * 2, W_0 * 2])``; an instance's mask is ``sigmoid(coefficients @ prototypes)``.
+    """
+
+    def __init__(self, nc: int = 80, nm: int = 32, npr: int = 256, ch: tuple[int, ...] = (), reg_max: int = 16):
+        super().__init__(nc, ch, reg_max)
+        self.nm, self.npr = nm, npr
+        self.proto = Proto(ch[0], npr, nm)
+        self.cv4 = nn.ModuleList(_branch(c, max(ch[0] // 4, nm), nm) for c in ch)
+
+    def forward(self, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        coef = torch.cat([self.cv4[i](x).flatten(2) for i, x in enumerate(xs)], 2)
+        return super().forward(xs), coef, self.proto(xs[0])

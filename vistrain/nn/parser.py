@@ -32,7 +32,8 @@ REGISTRY: dict[str, type[nn.Module]] = {
     "SPPF": M.SPPF,
     "Concat": M.Concat,
     "Classify": M.Classify,
-    "Detect": M.Detect,
+    "Detect": M.Detect,  # [nc, anchors]: anchor-based (YOLOv5); [nc]: anchor-free DetectDFL (YOLOv8, YOLOv5u)
+    "Segment": M.Segment,
     "Upsample": nn.Upsample,
     "Flatten": nn.Flatten,
     "Linear": nn.Linear,
@@ -134,9 +135,18 @@ def parse_model(d: dict, in_channels: int = 3, imgsz: int | None = None, verbose
         elif cls is M.Classify:
             c2 = args[0]
             args = [c_in, *args]
+        elif (cls is M.Detect and len(args) < 2) or cls is M.Segment:  # anchor-free: [nc] / [nc, nm, npr]
+            if not isinstance(f, list):
+                raise ModelYAMLError(f"layer {i}: {name} takes a list of input layers, e.g. [15, 18, 21]")
+            ch_in = [ch[x] for x in f]
+            if cls is M.Segment:
+                nm = int(args[1]) if len(args) > 1 else 32  # mask coefficients = prototypes
+                npr = args[2] if len(args) > 2 else 256  # prototype branch channels, scaled like a Conv's
+                args = [args[0], nm, make_divisible(min(npr, max_channels) * width, 8), ch_in]
+            else:
+                cls, args = M.DetectDFL, [args[0], ch_in]
+            c2 = None
         elif cls is M.Detect:
-            if len(args) < 2:
-                raise ModelYAMLError(f"layer {i}: Detect needs [nc, anchors]")
             anchors = args[1]
             if isinstance(anchors, int):  # number of anchors per level, sizes found later by autoanchor
                 anchors = [list(range(anchors * 2))] * len(f)

@@ -1,0 +1,124 @@
+"""YOLOv8 detect / segment against ultralytics (a test oracle only: vistrain never imports it).
+
+ultralytics builds its own model from its own YAML of the same name, offline (``YOLO_OFFLINE=1``,
+random init, its settings folder in a temp dir).  Its state_dict is loaded into vistrain's model with
+``strict=True``, and then the two must agree on:
+
+* the raw head outputs (box distribution logits, class logits; for segment also the mask
+  coefficients and the prototypes), in train mode (batch statistics) and eval mode;
+* the decoded boxes and class probabilities (``decode_dfl`` vs ultralytics' Detect in eval mode);
+* NMS (``non_max_suppression`` vs ``ultralytics.utils.nms.non_max_suppression``, single-label).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import vistrain
+from vistrain.ops.boxes import decode_dfl, flatten_levels, non_max_suppression
+
+pytest.importorskip("ultralytics", reason="ultralytics (a dev extra) is the oracle; `make test` installs it")
+
+MODELS = ["yolov8n", "yolov8s", "yolov8n-seg", "yolov8s-seg"]
+
+
+@pytest.fixture(scope="module")
+def ul(tmp_path_factory):
+    """ultralytics' model classes and NMS, imported offline with its settings in a temp folder."""
+    import cv2
+
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
+    threads, np_opts = cv2.getNumThreads(), np.get_printoptions()
+    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+    from ultralytics.utils.nms import non_max_suppression as ul_nms
+
+    cv2.setNumThreads(threads)  # undo its process-wide settings
+    np.set_printoptions(**np_opts)
+
+    def build(name: str, nc: int):
+        cls = SegmentationModel if name.endswith("-seg") else DetectionModel
+        return cls(f"{name}.yaml", nc=nc, verbose=False)
+
+    return build, ul_nms
+
+
+def _pair(ul, name: str, nc: int = 80):
+    theirs = ul[0](name, nc)
+    ours = vistrain.build_model(name, num_classes=nc)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_keys_and_shapes_equal_and_load_strictly(ul, name):
+    theirs, ours = _pair(ul, name)
+    a = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert a == b
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == n_theirs
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_raw_outputs_equal(ul, name, mode):
+    torch.manual_seed(0)
+    theirs, ours = _pair(ul, name, nc=7)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    x = torch.rand(2, 3, 96, 160)  # not square: rows and columns must not be swapped anywhere
+    with torch.no_grad():
+        t = theirs(x)
+        o = ours(x)
+    raw = t if mode == "train" else t[1]
+    levels, coef, proto = o if name.endswith("-seg") else (o, None, None)
+    assert [tuple(p.shape[2:]) for p in levels] == [(12, 20), (6, 10), (3, 5)]
+    ref = torch.cat((raw["boxes"], raw["scores"]), 1).transpose(1, 2)
+    torch.testing.assert_close(flatten_levels(levels), ref, rtol=1e-4, atol=1e-4)
+    if coef is not None:
+        torch.testing.assert_close(coef, raw["mask_coefficient"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(proto, raw["proto"], rtol=1e-4, atol=1e-4)
+        assert proto.shape[-2:] == (24, 40)
+
+
+@pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg"])
+def test_decoded_outputs_equal(ul, name):
+    torch.manual_seed(1)
+    theirs, ours = _pair(ul, name, nc=5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.eval()
+    ours.eval()
+    x = torch.rand(1, 3, 128, 96)
+    with torch.no_grad():
+        t = theirs(x)
+        o = ours(x)
+    ref = (t[0][0] if name.endswith("-seg") else t[0]).transpose(1, 2)  # [B, N, 4 + nc (+ nm)]
+    levels = o[0] if name.endswith("-seg") else o
+    got = decode_dfl(levels, ours.model[-1].stride, ours.model[-1].reg_max)
+    torch.testing.assert_close(got, ref[..., :4 + 5], rtol=1e-4, atol=1e-3)
+    if name.endswith("-seg"):
+        torch.testing.assert_close(o[1].transpose(1, 2), ref[..., 9:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_nms_equals_ultralytics(ul, agnostic):
+    """Random boxes in a 320 px image with 4 classes and 3 extra columns (as mask coefficients)."""
+    g = torch.Generator().manual_seed(3)
+    n, nc, nm = 3000, 4, 3
+    xy = torch.rand(2, n, 2, generator=g) * 320
+    wh = torch.rand(2, n, 2, generator=g) * 60 + 4
+    scores = (torch.randperm(2 * n * nc, generator=g).view(2, n, nc) / (2 * n * nc)) ** 3  # no ties to order
+    extra = torch.randn(2, n, nm, generator=g)
+    decoded = torch.cat((xy, wh, scores, extra), -1)
+    ref = ul[1](decoded.transpose(1, 2).clone(), 0.25, 0.45, agnostic=agnostic, max_det=300, nc=nc,
+                max_time_img=1e9)
+    got = non_max_suppression(decoded.clone(), 0.25, 0.45, agnostic=agnostic, max_det=300, objectness=False, nc=nc)
+    for r, o in zip(ref, got):
+        assert len(o) > 20 and o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-4)
