@@ -15,8 +15,8 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
-import torchvision
 
+from vistrain.losses.iou import ciou_xyxy
 from vistrain.ops.boxes import xywh2xyxy
 
 # A target is also assigned to the two nearest of its four neighbour cells when its centre lies
@@ -42,20 +42,9 @@ def smooth_bce_targets(eps: float = 0.0) -> tuple[float, float]:
     return 1.0 - 0.5 * eps, 0.5 * eps
 
 
-MIN_WH = 1e-7  # smallest predicted box side (grid cells) in the CIoU
-
-
 def ciou(pred_xywh: torch.Tensor, target_xywh: torch.Tensor) -> torch.Tensor:
-    """Complete IoU of matched pairs ``Tensor[M, 4]`` (cx, cy, w, h) -> ``Tensor[M]`` in (-1.5, 1].
-
-    Computed as ``1 - torchvision.ops.complete_box_iou_loss`` on corner boxes (whose aspect-ratio
-    weight ``alpha`` is held constant in the backward pass, as in the CIoU paper and YOLOv5).
-    """
-    # torchvision's aspect term divides by the box heights without an epsilon: a predicted box whose
-    # sigmoid underflowed to 0 (a large learning rate) would give NaN gradients, so sizes are kept > 0
-    pred_xywh = torch.cat((pred_xywh[:, :2], pred_xywh[:, 2:4].clamp(min=MIN_WH)), 1)
-    loss = torchvision.ops.complete_box_iou_loss(xywh2xyxy(pred_xywh), xywh2xyxy(target_xywh), reduction="none")
-    return 1.0 - loss
+    """Complete IoU of matched pairs ``Tensor[M, 4]`` (cx, cy, w, h) -> ``Tensor[M]`` (see :func:`ciou_xyxy`)."""
+    return ciou_xyxy(xywh2xyxy(pred_xywh), xywh2xyxy(target_xywh))
 
 
 class LevelTargets(NamedTuple):
