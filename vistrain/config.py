@@ -18,7 +18,7 @@ DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "cfg" / "default.yaml"
 # Types of keys whose default is empty (None); other keys take the type of their default.
 NONE_DEFAULT_TYPES: dict[str, type] = {
     "task": str, "model": str, "data": str, "nc": int, "pretrained": str, "time": float,
-    "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str,
+    "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str, "box": float,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "lr0", "lrf", "weight_decay", "warmup_epochs", "nbs",
                 "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
-                "box", "obj", "cls", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
+                "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det"}
 POSITIVE = {"batch", "imgsz", "nbs", "nc", "epochs", "n", "topk"}
 UNIT_INTERVAL = {"split", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup", "conf", "iou",

@@ -1,4 +1,6 @@
-"""Object detection (anchor-based YOLOv5 head): YOLO-format data, the YOLOv5 loss, COCO mAP, boxes out."""
+"""Object detection: YOLO-format data, COCO mAP, boxes out.  Two kinds of head: anchor-based (YOLOv5:
+autoanchor, the YOLOv5 loss, objectness) and anchor-free (YOLOv8 ``DetectDFL``: task-aligned assignment,
+CIoU + DFL, no objectness); the task finds which one the model has in ``setup_model``."""
 
 from __future__ import annotations
 
@@ -29,20 +31,29 @@ def parse_classes(value) -> list[int] | None:
         raise UserError(f"classes={value}: expected class indices, e.g. classes=0,2") from None
 
 
-def nms_settings(cfg: dict, mode: str) -> dict:
+def nms_settings(cfg: dict, mode: str, anchor_free: bool = False) -> dict:
     """conf / iou / max_det / classes / agnostic for ``mode`` ('val' or 'predict'); empty keys take the mode's
-    default (val: conf 0.001, iou 0.6 as YOLOv5's val.py; predict: conf 0.25, iou 0.45 as its detect.py)."""
+    default: val conf 0.001, predict conf 0.25; iou 0.6 (val) / 0.45 (predict) for anchor-based heads as
+    YOLOv5's val.py / detect.py, 0.7 for anchor-free heads as ultralytics' YOLOv8."""
     conf = cfg.get("conf")
     iou = cfg.get("iou")
+    default_iou = 0.7 if anchor_free else (0.6 if mode == "val" else 0.45)
     return {"conf": (0.001 if mode == "val" else 0.25) if conf is None else float(conf),
-            "iou": (0.6 if mode == "val" else 0.45) if iou is None else float(iou),
+            "iou": default_iou if iou is None else float(iou),
             "max_det": int(cfg.get("max_det") or 300), "classes": parse_classes(cfg.get("classes")),
             "agnostic": bool(cfg.get("agnostic_nms"))}
 
 
+def _first_images(preds, n: int):
+    """The raw outputs of the first ``n`` images of a batch (a list of levels, or a tuple holding one)."""
+    if isinstance(preds, torch.Tensor):
+        return preds[:n]
+    return type(preds)(_first_images(p, n) for p in preds)
+
+
 class DetectTask:
     name = "detect"
-    loss_names = ("box_loss", "obj_loss", "cls_loss")
+    loss_names = ("box_loss", "obj_loss", "cls_loss")  # anchor-free heads: set by setup_model
     metric_keys = ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)")
 
     def __init__(self):
@@ -117,19 +128,42 @@ class DetectTask:
         return DataBundle(train, val, list(data["names"]), summary, source=data["yaml_file"])
 
     # --- model hooks --------------------------------------------------------------------
-    def setup_model(self, model: torch.nn.Module, data: DataBundle | None, cfg: dict, train: bool = True) -> None:
-        """Attach the loss to ``model``'s Detect head; before training, check (and evolve) the anchors."""
-        from vistrain.losses.yolov5 import YOLOv5Loss
-        from vistrain.nn.modules import Detect
+    @property
+    def anchor_free(self) -> bool:
+        from vistrain.nn.modules import DetectDFL
 
-        head = next((m for m in model.modules() if isinstance(m, Detect)), None)
+        return isinstance(self.head, DetectDFL)
+
+    def find_head(self, model: torch.nn.Module, cfg: dict):
+        from vistrain.nn.modules import Detect, DetectDFL, Segment
+
+        head = next((m for m in model.modules() if isinstance(m, (Detect, DetectDFL)) and not isinstance(m, Segment)),
+                    None)
         if head is None:
-            raise UserError(f"model={cfg.get('model')}: no anchor-based Detect head; not a detection model")
-        self.head, self.cfg = head, cfg
+            raise UserError(f"model={cfg.get('model')}: no Detect head; not a detection model")
+        return head
+
+    def setup_model(self, model: torch.nn.Module, data: DataBundle | None, cfg: dict, train: bool = True) -> None:
+        """Attach the loss for ``model``'s head; before training an anchor-based head, check (and evolve) its
+        anchors.  An empty ``box`` gain takes the head's default (YOLOv5 0.05, YOLOv8 7.5)."""
+        self.head, self.cfg = self.find_head(model, cfg), cfg
+        if self.anchor_free:
+            self.loss_fn = self.make_loss(model, cfg)
+            self.loss_names = self.loss_fn.names
+            return
+        from vistrain.losses.yolov5 import YOLOv5Loss
+
         if train and cfg.get("autoanchor", True) and data is not None and data.train is not None:
-            self.autoanchor(head, data.train, cfg)
+            self.autoanchor(self.head, data.train, cfg)
         hyp = {k: cfg[k] for k in ("box", "obj", "cls", "anchor_t", "label_smoothing")}
+        hyp["box"] = 0.05 if hyp["box"] is None else hyp["box"]
         self.loss_fn = YOLOv5Loss.from_model(model, {**hyp, "imgsz": cfg["imgsz"]})
+
+    def make_loss(self, model: torch.nn.Module, cfg: dict):
+        from vistrain.losses.yolov8 import DetectLoss
+
+        return DetectLoss.from_model(model, {"box": 7.5 if cfg["box"] is None else cfg["box"], "cls": cfg["cls"],
+                                             "dfl": cfg["dfl"]})
 
     def autoanchor(self, head, dataset, cfg: dict) -> None:
         from vistrain.ops.anchors import check_anchors
@@ -180,13 +214,22 @@ class DetectTask:
     def loss(self, preds: list[torch.Tensor], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(preds, batch["targets"])
 
-    def postprocess(self, preds: list[torch.Tensor], settings: dict) -> list[torch.Tensor]:
-        """Raw head outputs -> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class) in input pixels."""
-        from vistrain.ops.boxes import decode_yolov5, non_max_suppression
+    def nms_settings(self, cfg: dict, mode: str) -> dict:
+        return nms_settings(cfg, mode, anchor_free=self.anchor_free)
 
-        decoded = decode_yolov5(preds, self.head.anchors, self.head.stride)
-        return non_max_suppression(decoded, conf=settings["conf"], iou=settings["iou"], classes=settings["classes"],
-                                   agnostic=settings["agnostic"], max_det=settings["max_det"])
+    def postprocess(self, preds, settings: dict) -> list[torch.Tensor]:
+        """Raw head outputs -> per image ``Tensor[K, 6 + E]`` (x1, y1, x2, y2, score, class, E extra columns:
+        a Segment head's mask coefficients) in input pixels."""
+        from vistrain.ops.boxes import decode_dfl, decode_yolov5, non_max_suppression
+
+        kw = {k: settings[k] for k in ("conf", "iou", "classes", "agnostic", "max_det")}
+        if not self.anchor_free:
+            return non_max_suppression(decode_yolov5(preds, self.head.anchors, self.head.stride), **kw)
+        levels, coef = (preds[0], preds[1]) if isinstance(preds, tuple) else (preds, None)
+        decoded = decode_dfl(levels, self.head.stride, self.head.reg_max)
+        if coef is not None:
+            decoded = torch.cat((decoded, coef.transpose(1, 2).float()), -1)
+        return non_max_suppression(decoded, objectness=False, nc=self.head.nc, **kw)
 
     # --- metrics --------------------------------------------------------------------------
     def new_metrics(self, names: list[str]):
@@ -197,7 +240,7 @@ class DetectTask:
     def update_metrics(self, metrics, preds: list[torch.Tensor], batch: dict[str, Any]) -> None:
         from vistrain.data.augment import scale_boxes_back
 
-        dets = self.postprocess(preds, nms_settings(self.cfg, "val"))
+        dets = self.postprocess(preds, self.nms_settings(self.cfg, "val"))
         for i, det in enumerate(dets):
             det = det.detach().float().cpu().clone()
             h0, w0 = batch["ori_shape"][i]
@@ -232,8 +275,8 @@ class DetectTask:
                 xyxy = xywh2xyxy(ti[:, 2:6]) * torch.tensor([w, h, w, h])
                 boxes.append(torch.cat((xyxy, torch.ones(len(ti), 1), ti[:, 1:2]), 1))
         else:
-            settings = {**nms_settings(self.cfg, "predict"), "conf": 0.25}
-            boxes = [d.detach().cpu() for d in self.postprocess([p[:16] for p in preds], settings)]
+            settings = {**self.nms_settings(self.cfg, "predict"), "conf": 0.25}
+            boxes = [d[:, :6].detach().cpu() for d in self.postprocess(_first_images(preds, 16), settings)]
         plot_detections(imgs, boxes, names, path, show_conf=preds is not None)
 
     def plot_metrics(self, metrics, names: list[str], save_dir: Path) -> None:
@@ -261,7 +304,7 @@ class DetectTask:
         from vistrain.data.augment import scale_boxes_back
 
         out = []
-        for det, (ratio, pad, shape) in zip(self.postprocess(preds, nms_settings(cfg, "predict")), metas):
+        for det, (ratio, pad, shape) in zip(self.postprocess(preds, self.nms_settings(cfg, "predict")), metas):
             det = det.detach().float().cpu().clone()
             det[:, :4] = torch.as_tensor(scale_boxes_back(det[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
             out.append(det)
