@@ -20,13 +20,13 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 
-def run_cocoeval(annotations: dict, predictions: list) -> COCOeval:
-    """COCOeval (bbox) on in-memory COCO dicts, its prints swallowed."""
+def run_cocoeval(annotations: dict, predictions: list, iou_type: str = "bbox") -> COCOeval:
+    """COCOeval (bbox or segm) on in-memory COCO dicts, its prints swallowed."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = copy.deepcopy(annotations)
         gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(predictions)), "bbox")
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(predictions)), iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -121,6 +121,42 @@ def test_parity_with_pycocotools(seed):
             assert np.isnan(metrics.ap[k]) and np.isnan(metrics.ap50[k])
     assert np.isnan(metrics.ap[-1]) and metrics.ap[-2] == 0  # predicted-only class; never-predicted class
     assert metrics.fitness() == pytest.approx(0.1 * ev.stats[1] + 0.9 * ev.stats[0], abs=1e-9)
+
+
+def box_mask(rng: np.random.Generator, box, size: int = 160, scale: float = 0.25) -> np.ndarray:
+    """The box (scaled to a ``size`` canvas) filled, often with a random notch cut out: mask IoU != box IoU."""
+    m = np.zeros((size, size), bool)
+    x1, y1, x2, y2 = (int(round(v * scale)) for v in box[:4])
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(max(x2, x1 + 1), size), min(max(y2, y1 + 1), size)
+    m[y1:y2, x1:x2] = True
+    if rng.random() < 0.6 and x2 - x1 > 2 and y2 - y1 > 2:
+        nx, ny = int(rng.integers(x1, x2 - 1)), int(rng.integers(y1, y2 - 1))
+        m[ny:ny + (y2 - y1) // 2, nx:nx + (x2 - x1) // 2] = False
+    return m
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_parity_with_pycocotools(seed):
+    """iou_type 'segm': mAP equal to COCOeval('segm') on the same RLE masks (the written JSON)."""
+    names, images = random_case(seed, n_images=20)
+    rng = np.random.default_rng(seed)
+    metrics = DetectMetrics(names, iou_type="segm")
+    for i, (boxes, cls, preds) in enumerate(images):
+        pred = torch.tensor(preds, dtype=torch.float32).reshape(-1, 6)
+        gt_masks = np.stack([box_mask(rng, b) for b in boxes]) if len(boxes) else np.zeros((0, 160, 160), bool)
+        pred_masks = np.stack([box_mask(rng, p) for p in preds]) if preds else np.zeros((0, 160, 160), bool)
+        metrics.update(pred, torch.tensor(boxes, dtype=torch.float32), torch.tensor(cls), image_id=i,
+                       image_size=(160, 160), pred_masks=torch.from_numpy(pred_masks), gt_masks=gt_masks)
+    annotations, predictions = metrics.coco_json()
+    assert "segmentation" in annotations["annotations"][0] and "segmentation" in predictions[0]
+    ev = run_cocoeval(annotations, predictions, "segm")
+    res = metrics.results()
+    assert set(res) == {"metrics/precision(M)", "metrics/recall(M)", "metrics/mAP50(M)", "metrics/mAP50-95(M)"}
+    assert 0.05 < ev.stats[0] < 0.95  # not a degenerate case
+    assert res["metrics/mAP50-95(M)"] == pytest.approx(ev.stats[0], abs=1e-9)
+    assert res["metrics/mAP50(M)"] == pytest.approx(ev.stats[1], abs=1e-9)
+    box_ev = run_cocoeval(annotations, predictions, "bbox")
+    assert abs(box_ev.stats[0] - ev.stats[0]) > 1e-3  # the masks, not the boxes, were scored
 
 
 def test_json_files_load_in_pycocotools(tmp_path):

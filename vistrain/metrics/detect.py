@@ -195,10 +195,15 @@ class DetectMetrics:
     row), an unmatched detection to ``[pred, nc]`` (background column).
     """
 
-    def __init__(self, names: Sequence[str] | dict[int, str], matrix_conf: float = 0.25, matrix_iou: float = 0.45):
+    def __init__(self, names: Sequence[str] | dict[int, str], matrix_conf: float = 0.25, matrix_iou: float = 0.45,
+                 iou_type: str = "bbox"):
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type={iou_type!r}: 'bbox' or 'segm'")
         self.names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
         self.nc = len(self.names)
         self.matrix_conf, self.matrix_iou = matrix_conf, matrix_iou
+        self.iou_type = iou_type
+        self.suffix = "(B)" if iou_type == "bbox" else "(M)"
         self.reset()
 
     def reset(self) -> None:
@@ -206,6 +211,8 @@ class DetectMetrics:
         self.images: list[dict[str, Any]] = []  # id, file_name, width, height (for COCO JSON)
         self.gts: list[tuple[np.ndarray, np.ndarray]] = []  # per image (boxes [M, 4] xyxy, cls [M])
         self.preds: list[np.ndarray] = []  # per image [N, 6], as given
+        self.pred_rles: list[list[dict]] = []  # segm: per image the RLE of each prediction
+        self.gt_rles: list[list[dict]] = []  # segm: per image the RLE of each ground-truth instance
         self.instances = np.zeros(nc, np.int64)
         self.images_per_class = np.zeros(nc, np.int64)
         self._ids: set = set()
@@ -217,17 +224,28 @@ class DetectMetrics:
 
     # --- accumulation -------------------------------------------------------------------------
     def update(self, pred: torch.Tensor, gt_boxes: torch.Tensor, gt_cls: torch.Tensor, image_id: Any = None,
-               image_size: tuple[int, int] | None = None, file_name: str | None = None) -> None:
+               image_size: tuple[int, int] | None = None, file_name: str | None = None,
+               pred_masks: Any = None, gt_masks: Any = None) -> None:
         """Add one image: ``pred (Tensor[N, 6])``, ``gt_boxes (Tensor[M, 4])``, ``gt_cls (Tensor[M])``.
 
         ``image_id`` defaults to the running image count; a string of digits becomes an int (as COCO
         ids); an id seen before gets a ``_2``, ``_3`` suffix and a warning. ``image_size`` is
         ``(width, height)`` and, like ``file_name``, only goes into the COCO JSON.
+        With ``iou_type="segm"``: ``pred_masks`` and ``gt_masks``, one per row of ``pred`` / ``gt_boxes``, as
+        bool ``Tensor[N, H, W]`` at the original image size or lists of COCO RLEs; IoU is then pycocotools'
+        mask IoU (``maskUtils.iou``) of those RLEs.
         """
         try:
             pred, boxes, cls = _as_array(pred, 6), _as_array(gt_boxes, 4), _as_classes(gt_cls)
         except ValueError as e:
             raise ValueError(f"image {image_id} ({file_name}): {e}") from None
+        if self.iou_type == "segm":
+            if pred_masks is None or gt_masks is None:
+                raise ValueError(f"image {image_id}: iou_type 'segm' needs pred_masks and gt_masks")
+            pred_rles, gt_rles = to_rles(pred_masks), to_rles(gt_masks)
+            if len(pred_rles) != len(pred) or len(gt_rles) != len(boxes):
+                raise ValueError(f"image {image_id}: {len(pred_rles)} masks for {len(pred)} predictions, "
+                                 f"{len(gt_rles)} for {len(boxes)} ground-truth instances")
         pcls = np.rint(pred[:, 5]).astype(np.int64)
         if len(boxes) != len(cls):
             raise ValueError(f"image {image_id}: {len(boxes)} gt boxes but {len(cls)} gt classes")
@@ -242,13 +260,16 @@ class DetectMetrics:
         self.images.append(image)
         self.gts.append((boxes, cls))
         self.preds.append(pred)
+        if self.iou_type == "segm":
+            self.pred_rles.append(pred_rles)
+            self.gt_rles.append(gt_rles)
         self.instances += np.bincount(cls, minlength=self.nc)
         self.images_per_class[np.unique(cls)] += 1
         keep = _top_per_class(pred[:, 4], pcls)
         pairs = len(keep) * len(boxes)
         if self._pending and self._pending_pairs + pairs > _CHUNK_ELEMENTS:
             self._flush()
-        self._pending.append((index, pred[keep], boxes, cls))
+        self._pending.append((index, pred[keep], boxes, cls, keep))
         self._pending_pairs += pairs
         if len(self._pending) >= _CHUNK_IMAGES:
             self._flush()
@@ -280,12 +301,17 @@ class DetectMetrics:
         gt = np.zeros((bsz, gn, 4))
         gcls = np.full((bsz, gn), -1, np.int64)
         n_dets = np.array([len(it[1]) for it in items])
-        for b, (_, p, boxes, cls) in enumerate(items):
+        for b, (_, p, boxes, cls, _) in enumerate(items):
             det[b, : len(p)], gt[b, : len(boxes)], gcls[b, : len(cls)] = p, boxes, cls
         dcls = np.rint(det[..., 5]).astype(np.int64)
         dvalid = np.arange(dn) < n_dets[:, None]
-        iou = coco_iou(xyxy_to_coco(det[..., :4].reshape(-1, 4)).reshape(bsz, dn, 4),
-                       xyxy_to_coco(gt.reshape(-1, 4)).reshape(bsz, gn, 4))
+        if self.iou_type == "bbox":
+            iou = coco_iou(xyxy_to_coco(det[..., :4].reshape(-1, 4)).reshape(bsz, dn, 4),
+                           xyxy_to_coco(gt.reshape(-1, 4)).reshape(bsz, gn, 4))
+        else:
+            iou = np.zeros((bsz, dn, gn))
+            for b, (index, p, boxes, _, keep) in enumerate(items):
+                iou[b, : len(p), : len(boxes)] = mask_iou([self.pred_rles[index][k] for k in keep], self.gt_rles[index])
         iou = np.where(dvalid[:, :, None] & (gcls[:, None, :] >= 0), iou, -1.0)
         tp = _greedy_coco(np.where(dcls[:, :, None] == gcls[:, None, :], iou, -1.0), n_dets)
         image_index = np.array([it[0] for it in items])
@@ -369,8 +395,9 @@ class DetectMetrics:
 
     def results(self) -> dict[str, float]:
         res = self._compute()
-        return {"metrics/precision(B)": self._mean("p"), "metrics/recall(B)": self._mean("r"),
-                "metrics/mAP50(B)": float(res["map50"]), "metrics/mAP50-95(B)": float(res["map"])}
+        x = self.suffix
+        return {f"metrics/precision{x}": self._mean("p"), f"metrics/recall{x}": self._mean("r"),
+                f"metrics/mAP50{x}": float(res["map50"]), f"metrics/mAP50-95{x}": float(res["map"])}
 
     def fitness(self) -> float:
         """What "best" means for detection: 0.1 x mAP50 + 0.9 x mAP50-95."""
@@ -417,8 +444,10 @@ class DetectMetrics:
 
     def coco_json(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(annotations, predictions)``: COCO ground truth of every image seen and the detections."""
-        annotations = coco_annotations(self.images, self.gts, self.names)
-        return annotations, coco_predictions(self.preds, [im["id"] for im in self.images])
+        segm = self.iou_type == "segm"
+        annotations = coco_annotations(self.images, self.gts, self.names, self.gt_rles if segm else None)
+        return annotations, coco_predictions(self.preds, [im["id"] for im in self.images],
+                                             self.pred_rles if segm else None)
 
 
 def _plot_curves(x: np.ndarray, ys: np.ndarray, names: list[str], show: np.ndarray, xlabel: str, ylabel: str,
@@ -440,34 +469,81 @@ def _plot_curves(x: np.ndarray, ys: np.ndarray, names: list[str], show: np.ndarr
 
 
 def coco_annotations(images: Sequence[dict[str, Any]], gts: Sequence[tuple[Any, Any]],
-                     names: Sequence[str]) -> dict[str, Any]:
+                     names: Sequence[str], rles: Sequence[list[dict]] | None = None) -> dict[str, Any]:
     """COCO ground truth: ``images[i]`` a dict with ``id`` (and ``file_name``, ``width``, ``height``),
     ``gts[i] = (boxes (Tensor[M, 4]) x1, y1, x2, y2 pixels, cls (Tensor[M]))``. Annotation ids run from
-    1, ``area = w * h``, ``iscrowd = 0``, category id = class index + ``CATEGORY_ID_OFFSET``."""
+    1, ``area = w * h``, ``iscrowd = 0``, category id = class index + ``CATEGORY_ID_OFFSET``.  With
+    ``rles[i]`` (one COCO RLE per instance) each annotation gets that ``segmentation`` and its mask area."""
     if len(images) != len(gts):
         raise ValueError(f"{len(images)} images but {len(gts)} ground-truth entries")
     anns: list[dict[str, Any]] = []
-    for image, (boxes, cls) in zip(images, gts):
-        for box, c in zip(xyxy_to_coco(_as_array(boxes, 4)).tolist(), _as_classes(cls).tolist()):
-            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": c + CATEGORY_ID_OFFSET,
-                         "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    for i, (image, (boxes, cls)) in enumerate(zip(images, gts)):
+        for j, (box, c) in enumerate(zip(xyxy_to_coco(_as_array(boxes, 4)).tolist(), _as_classes(cls).tolist())):
+            ann = {"id": len(anns) + 1, "image_id": image["id"], "category_id": c + CATEGORY_ID_OFFSET,
+                   "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            if rles is not None:
+                ann.update(segmentation=_json_rle(rles[i][j]), area=rle_area(rles[i][j]))
+            anns.append(ann)
     return {"info": {"description": "vistrain ground truth"}, "images": [dict(im) for im in images],
             "annotations": anns,
             "categories": [{"id": i + CATEGORY_ID_OFFSET, "name": n} for i, n in enumerate(names)]}
 
 
-def coco_predictions(preds: Sequence[Any], image_ids: Sequence[Any]) -> list[dict[str, Any]]:
+def coco_predictions(preds: Sequence[Any], image_ids: Sequence[Any],
+                     rles: Sequence[list[dict]] | None = None) -> list[dict[str, Any]]:
     """COCO results: ``preds[i] (Tensor[N, 6])`` x1, y1, x2, y2, score, class (pixels) of image
-    ``image_ids[i]`` -> ``[{image_id, category_id, bbox [x, y, w, h], score}]``, full float precision."""
+    ``image_ids[i]`` -> ``[{image_id, category_id, bbox [x, y, w, h], score}]``, full float precision;
+    with ``rles[i]`` (one COCO RLE per row) each also gets its ``segmentation``."""
     if len(preds) != len(image_ids):
         raise ValueError(f"{len(preds)} prediction entries but {len(image_ids)} image ids")
     out = []
-    for image_id, pred in zip(image_ids, preds):
+    for i, (image_id, pred) in enumerate(zip(image_ids, preds)):
         pred = _as_array(pred, 6)
-        for box, score, c in zip(xyxy_to_coco(pred[:, :4]).tolist(), pred[:, 4].tolist(),
-                                 _as_classes(pred[:, 5]).tolist()):
-            out.append({"image_id": image_id, "category_id": c + CATEGORY_ID_OFFSET, "bbox": box, "score": score})
+        for j, (box, score, c) in enumerate(zip(xyxy_to_coco(pred[:, :4]).tolist(), pred[:, 4].tolist(),
+                                                _as_classes(pred[:, 5]).tolist())):
+            row = {"image_id": image_id, "category_id": c + CATEGORY_ID_OFFSET, "bbox": box, "score": score}
+            if rles is not None:
+                row["segmentation"] = _json_rle(rles[i][j])
+            out.append(row)
     return out
+
+
+# ------------------------------------------------------------------------------------ masks (COCO RLE)
+def to_rles(masks: Any) -> list[dict]:
+    """Bool masks ``Tensor / ndarray[N, H, W]`` (or already a list of RLE dicts) -> COCO RLEs (pycocotools)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(masks, (list, tuple)):
+        return list(masks)
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    masks = np.asarray(masks, dtype=np.uint8)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {list(masks.shape)}")
+    if not len(masks):
+        return []
+    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+
+
+def mask_iou(dt: list[dict], gt: list[dict]) -> np.ndarray:
+    """pycocotools' mask IoU (``iscrowd`` 0) of RLEs -> ``ndarray[D, G]``."""
+    from pycocotools import mask as mask_utils
+
+    if not dt or not gt:
+        return np.zeros((len(dt), len(gt)))
+    return np.asarray(mask_utils.iou(dt, gt, [0] * len(gt)), dtype=np.float64).reshape(len(dt), len(gt))
+
+
+def rle_area(rle: dict) -> float:
+    from pycocotools import mask as mask_utils
+
+    return float(mask_utils.area(rle))
+
+
+def _json_rle(rle: dict) -> dict:
+    """An RLE as JSON can hold it (compressed counts as text, as COCO files store them)."""
+    counts = rle["counts"]
+    return {"size": [int(v) for v in rle["size"]], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def write_coco_json(metrics: DetectMetrics, save_dir: str | Path) -> tuple[Path, Path]:
