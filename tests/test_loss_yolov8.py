@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import vistrain
 from vistrain.losses.iou import ciou_xyxy
 from vistrain.losses.tal import TaskAlignedAssigner
-from vistrain.losses.yolov8 import DetectLoss, SegmentLoss, crop_to_boxes, dfl_loss, pad_targets
+from vistrain.losses.yolov8 import DetectLoss, SegmentLoss, dfl_loss, pad_targets
+from vistrain.ops.masks import crop_to_boxes
 
 
 def test_dfl_loss_is_interpolated_cross_entropy():

@@ -28,7 +28,7 @@ NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "lr0", "lrf", "weight_
                 "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
                 "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det"}
-POSITIVE = {"batch", "imgsz", "nbs", "nc", "epochs", "n", "topk"}
+POSITIVE = {"batch", "imgsz", "nbs", "nc", "epochs", "n", "topk", "mask_ratio"}
 UNIT_INTERVAL = {"split", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup", "conf", "iou",
                  "hsv_h", "hsv_s", "hsv_v", "translate"}
 

@@ -500,3 +500,43 @@ class DetectAugment:
                      ) -> tuple[np.ndarray, Instances]:
         return random_perspective(img, inst, rng, degrees=self.degrees, translate=self.translate, scale=self.scale,
                                   shear=self.shear, perspective=self.perspective, out_size=self.imgsz)
+
+
+# ------------------------------------------------------------------------------------ masks
+_SHIFT = 4  # sub-pixel bits for cv2.fillPoly
+
+
+def polygon_mask(shape: tuple[int, int], polygons: Sequence[np.ndarray], ratio: int = 1,
+                 values: Sequence[int] | None = None, dtype=np.uint8) -> np.ndarray:
+    """Rasterise ``polygons`` (``[K, 2]`` x, y in pixels of an image of ``shape`` (h, w)) onto a mask of
+    ``shape / ratio``: pixel (i, j) is filled when its centre lies inside.  Polygons are drawn in order with
+    ``values`` (default 1), so later ones cover earlier ones."""
+    h, w = shape
+    mask = np.zeros((math.ceil(h / ratio), math.ceil(w / ratio)), dtype)
+    for k, poly in enumerate(polygons):
+        if len(poly) < 3:
+            continue
+        pts = np.round((np.asarray(poly, np.float64) / ratio - 0.5) * (1 << _SHIFT)).astype(np.int32)
+        cv2.fillPoly(mask, [pts], int(values[k]) if values is not None else 1, lineType=cv2.LINE_8, shift=_SHIFT)
+    return mask
+
+
+def instance_masks(inst: Instances, shape: tuple[int, int], ratio: int = 4, overlap: bool = True,
+                   ) -> tuple[np.ndarray, Instances]:
+    """Training masks of ``inst`` (polygons in pixels of an image of ``shape`` (h, w)) at ``1 / ratio``.
+
+    overlap: one ``ndarray[h / ratio, w / ratio]`` of instance numbers, instances sorted by polygon area,
+    largest first, number k + 1 for the k-th, drawn in that order so smaller objects stay visible where
+    objects overlap; the returned labels are reordered to match (row k = number k + 1).  Otherwise one
+    ``ndarray[N, h / ratio, w / ratio]`` of 0 / 1 per instance, labels unchanged.
+    """
+    polys = inst.segments if inst.segments else [np.zeros((0, 2), np.float32)] * len(inst)
+    if not overlap:
+        masks = [polygon_mask(shape, [p], ratio) for p in polys]
+        empty = np.zeros((0, math.ceil(shape[0] / ratio), math.ceil(shape[1] / ratio)), np.uint8)
+        return (np.stack(masks) if masks else empty), inst
+    areas = [abs(float(cv2.contourArea(p.astype(np.float32)))) if len(p) >= 3 else 0.0 for p in polys]
+    order = np.argsort(-np.asarray(areas), kind="stable")
+    dtype = np.uint8 if len(inst) < 255 else np.int32
+    mask = polygon_mask(shape, [polys[i] for i in order], ratio, values=range(1, len(order) + 1), dtype=dtype)
+    return mask, inst.select(order)

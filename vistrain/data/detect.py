@@ -4,7 +4,9 @@ rectangular letterboxed batches for validation.
 A sample is a dict: ``img`` (uint8 ``Tensor[3, H, W]``), ``cls`` (``Tensor[N]``), ``bboxes``
 (``Tensor[N, 4]`` cx, cy, w, h normalised to the output image), ``im_file``, ``ori_shape`` (h0, w0),
 ``ratio_pad`` ((rx, ry), (pad_x, pad_y)) mapping original pixels to output pixels, and, without
-augmentation, ``ori_labels`` (the labels in original pixels, xyxy) for scoring.
+augmentation, ``ori_labels`` (the labels in original pixels, xyxy, and for segmentation their polygons)
+for scoring.  With ``masks=True`` (segmentation) also ``masks``: the instances' masks at
+``1 / mask_ratio`` of the output size (see :func:`vistrain.data.augment.instance_masks`).
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class DetectDataset(Dataset):
     """Images and verified labels (:class:`ImageLabels`) -> training or validation samples."""
 
     def __init__(self, items: list[ImageLabels], imgsz: int, augment: bool = False, hyp: dict | None = None,
-                 rect: bool = False, batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0):
+                 rect: bool = False, batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0,
+                 masks: bool = False, mask_ratio: int = 4, overlap: bool = True):
         self.items = list(items)
+        self.masks, self.mask_ratio, self.overlap = masks, int(mask_ratio), overlap
         self.imgsz, self.augment, self.stride, self.seed = imgsz, augment, stride, seed
         self.hyp = {"hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5,
                     "shear": 0.0, "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "mosaic": 1.0, "mixup": 0.0,
@@ -137,10 +141,12 @@ class DetectDataset(Dataset):
         h, w = img.shape[:2]
         out, ratio, pad = A.letterbox(img, tuple(int(s) for s in shape), auto=False, scaleup=False)
         scale = (ratio[0] * w / w0, ratio[1] * h / h0)
-        boxes = inst.boxes * np.array([ratio[0], ratio[1]] * 2, dtype=np.float32) + np.array([*pad, *pad], np.float32)
+        inst = A.apply_letterbox(inst, ratio, pad)
         it = self.items[j]
         ori = {"cls": it.cls.copy(), "boxes": _xywhn_to_xyxy(it.boxes, w0, h0)}
-        return self._pack(out, inst.cls, boxes, it.im_file, (h0, w0), (scale, pad), ori)
+        if self.masks:
+            ori["segments"] = [sg * np.array([w0, h0], np.float32) for sg in it.segments]
+        return self._pack(out, inst, it.im_file, (h0, w0), (scale, pad), ori)
 
     def _train_sample(self, i: int) -> dict:
         rng, hyp = self.rng, self.hyp
@@ -157,24 +163,31 @@ class DetectDataset(Dataset):
         else:
             img, inst = self.augmenter(i, load, len(self), rng)
         it = self.items[i]
-        return self._pack(img, inst.cls, inst.boxes, it.im_file, it.shape, ((1.0, 1.0), (0.0, 0.0)), None)
+        return self._pack(img, inst, it.im_file, it.shape, ((1.0, 1.0), (0.0, 0.0)), None)
 
-    @staticmethod
-    def _pack(img: np.ndarray, cls, boxes: np.ndarray, im_file: str, ori_shape, ratio_pad, ori_labels) -> dict:
+    def _pack(self, img: np.ndarray, inst: A.Instances, im_file: str, ori_shape, ratio_pad, ori_labels) -> dict:
         h, w = img.shape[:2]
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        out = {}
+        if self.masks:
+            masks, inst = A.instance_masks(inst, (h, w), self.mask_ratio, self.overlap)
+            out["masks"] = torch.from_numpy(masks)
+        boxes = np.asarray(inst.boxes, dtype=np.float32).reshape(-1, 4)
         return {"img": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
-                "cls": torch.as_tensor(np.asarray(cls), dtype=torch.float32).reshape(-1),
+                "cls": torch.as_tensor(np.asarray(inst.cls), dtype=torch.float32).reshape(-1),
                 "bboxes": torch.from_numpy(_xyxy_to_xywhn(boxes, w, h)),
                 "im_file": im_file, "ori_shape": tuple(int(v) for v in ori_shape), "ratio_pad": ratio_pad,
-                "ori_labels": ori_labels}
+                "ori_labels": ori_labels, **out}
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack images; ``targets (Tensor[T, 6])`` = (index in batch, class, cx, cy, w, h) normalised."""
     targets = [torch.cat((torch.full((len(s["cls"]), 1), float(i)), s["cls"][:, None], s["bboxes"]), 1)
                for i, s in enumerate(samples)]
-    return {"img": torch.stack([s["img"] for s in samples]),
-            "targets": torch.cat(targets, 0) if targets else torch.zeros(0, 6),
-            "im_file": [s["im_file"] for s in samples], "ori_shape": [s["ori_shape"] for s in samples],
-            "ratio_pad": [s["ratio_pad"] for s in samples], "ori_labels": [s["ori_labels"] for s in samples]}
+    out = {"img": torch.stack([s["img"] for s in samples]),
+           "targets": torch.cat(targets, 0) if targets else torch.zeros(0, 6),
+           "im_file": [s["im_file"] for s in samples], "ori_shape": [s["ori_shape"] for s in samples],
+           "ratio_pad": [s["ratio_pad"] for s in samples], "ori_labels": [s["ori_labels"] for s in samples]}
+    if samples and "masks" in samples[0]:  # overlap: one [h, w] map per image; else [n, h, w] per image
+        masks = [s["masks"] for s in samples]
+        out["masks"] = torch.stack(masks) if masks[0].ndim == 2 else torch.cat(masks)
+    return out

@@ -17,13 +17,16 @@ from vistrain.engine.utils import LOGGER, UserError
 
 @dataclass
 class Result:
-    """Prediction for one image. ``probs (Tensor[C])`` for classification; detection adds ``boxes``."""
+    """Prediction for one image. ``probs (Tensor[C])`` for classification; detection adds ``boxes
+    (Tensor[N, 6])`` (x1, y1, x2, y2, score, class in original pixels); segmentation also ``masks`` (bool
+    ``Tensor[N, H, W]`` at the original image size)."""
 
     path: str
     names: list[str]
     orig_shape: tuple[int, int]  # (height, width)
     probs: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def topk(self, k: int = 5) -> list[tuple[str, float]]:

@@ -20,6 +20,7 @@ from torch import nn
 from vistrain.losses.iou import ciou_xyxy
 from vistrain.losses.tal import Assignment, TaskAlignedAssigner
 from vistrain.ops.boxes import dfl_distances, distances_to_xyxy, flatten_levels, make_anchor_points, xywh2xyxy
+from vistrain.ops.masks import crop_to_boxes
 
 
 def dfl_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -126,16 +127,6 @@ class DetectLoss:
         distri, logits, pred_boxes, points, stride, _, a = self.assign(levels, targets)
         terms = self.detect_terms(distri, logits, pred_boxes, points, stride, a)
         return terms.sum() * levels[0].shape[0], terms.detach()
-
-
-def crop_to_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Zero ``masks (Tensor[K, H, W])`` outside ``boxes (Tensor[K, 4])`` (x1, y1, x2, y2 in mask pixels;
-    a pixel is inside when its index is within [x1, x2))."""
-    h, w = masks.shape[-2:]
-    cols = torch.arange(w, device=masks.device, dtype=boxes.dtype).view(1, 1, w)
-    rows = torch.arange(h, device=masks.device, dtype=boxes.dtype).view(1, h, 1)
-    x1, y1, x2, y2 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return masks * ((cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2))
 
 
 class SegmentLoss(DetectLoss):

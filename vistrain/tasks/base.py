@@ -76,9 +76,13 @@ def get_task(name: str) -> Task:
         from vistrain.tasks.detect import DetectTask
 
         return DetectTask()
+    if name == "segment":
+        from vistrain.tasks.segment import SegmentTask
+
+        return SegmentTask()
     from vistrain.engine.utils import UserError
 
-    raise UserError(f"task={name}: not available yet in this version (available: classify, detect)")
+    raise UserError(f"task={name}: not available yet in this version (available: classify, detect, segment)")
 
 
 def model_task(model: nn.Module) -> str:

@@ -53,6 +53,7 @@ def _first_images(preds, n: int):
 
 class DetectTask:
     name = "detect"
+    builtin_folder = "detect"  # the built-in synthetic dataset's subfolder for this task
     loss_names = ("box_loss", "obj_loss", "cls_loss")  # anchor-free heads: set by setup_model
     metric_keys = ("metrics/precision(B)", "metrics/recall(B)", "metrics/mAP50(B)", "metrics/mAP50-95(B)")
 
@@ -80,7 +81,7 @@ class DetectTask:
         if not ref:
             from vistrain.data.synthetic import ensure_dataset
 
-            ref = str(ensure_dataset() / "detect" / "data.yaml")
+            ref = str(ensure_dataset() / self.builtin_folder / "data.yaml")
             LOGGER.info(f"data: the built-in synthetic shapes dataset at {ref}")
             cfg["data"] = ref
         path = Path(ref)
@@ -120,12 +121,23 @@ class DetectTask:
         if need_train:
             labels, line = self.scan(data, "train", cfg["workers"])
             summary.append(line)
+            self.check_labels(labels, "train")
             train = DetectDataset(labels.items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
-                                  rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"])
+                                  rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"],
+                                  **self.dataset_options(cfg))
         val_labels, line = self.scan(data, "val", cfg["workers"])
+        self.check_labels(val_labels, "val")
         summary.append(line)
-        val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True, batch_size=cfg["batch"])
+        val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True, batch_size=cfg["batch"],
+                            **self.dataset_options(cfg))
         return DataBundle(train, val, list(data["names"]), summary, source=data["yaml_file"])
+
+    def dataset_options(self, cfg: dict) -> dict:
+        """Extra ``DetectDataset`` arguments of the task (segmentation: masks)."""
+        return {}
+
+    def check_labels(self, labels, split: str) -> None:
+        """Stop early when the labels cannot serve this task (segmentation: boxes without polygons)."""
 
     # --- model hooks --------------------------------------------------------------------
     @property

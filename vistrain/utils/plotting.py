@@ -155,6 +155,16 @@ def draw_boxes(image: Image.Image, boxes, names: list[str], show_conf: bool = Tr
     return image
 
 
+def draw_masks(image: Image.Image, masks, classes, alpha: float = 0.45) -> Image.Image:
+    """Copy of ``image`` with each of ``masks (bool Tensor/array[K, H, W])`` (its size) tinted in the colour of
+    its class (``classes[k]``)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    masks = np.asarray(masks, dtype=bool).reshape(-1, *a.shape[:2])
+    for m, c in zip(masks, np.asarray(classes).reshape(-1)):
+        a[m] = a[m] * (1 - alpha) + np.array(colour(int(c)), np.float32) * alpha
+    return Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+
+
 def plot_detections(images: torch.Tensor, boxes: list, names: list[str], path: str | Path, show_conf: bool = True,
                     max_images: int = 16) -> None:
     """``images (Tensor[B, 3, H, W] uint8)`` in a grid, each with its ``boxes[i] (Tensor[K, 6])`` drawn."""

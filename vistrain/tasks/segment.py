@@ -1,0 +1,171 @@
+"""Instance segmentation (YOLOv8 ``Segment`` head): polygon labels, box + mask losses, box and mask COCO mAP,
+masks at the original image size in predictions.  Everything box-related is detection's (``DetectTask``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vistrain.engine.utils import UserError
+from vistrain.tasks.detect import DetectTask
+
+
+def polygon_rles(polygons: list[np.ndarray], h: int, w: int) -> list[dict]:
+    """COCO RLEs of polygons (``[K, 2]`` in pixels of an ``h`` x ``w`` image), rasterised by pycocotools as
+    COCO rasterises polygon annotations."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for poly in polygons:
+        if len(poly) >= 3:
+            out.append(mask_utils.merge(mask_utils.frPyObjects([np.asarray(poly, np.float64).ravel().tolist()], h, w)))
+        else:  # no polygon: an empty mask
+            out.append(mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0])
+    return out
+
+
+def mask_polygon(mask: np.ndarray) -> np.ndarray:
+    """The outline of a mask's largest region -> ``ndarray[K, 2]`` (x, y) pixel coordinates (``[0, 2]`` if empty)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return np.zeros((0, 2), np.float32)
+    return max(contours, key=len).reshape(-1, 2).astype(np.float32)
+
+
+class SegmentTask(DetectTask):
+    name = "segment"
+    builtin_folder = "segment"
+    loss_names = ("box_loss", "seg_loss", "cls_loss", "dfl_loss")
+    metric_keys = DetectTask.metric_keys + ("metrics/precision(M)", "metrics/recall(M)", "metrics/mAP50(M)",
+                                            "metrics/mAP50-95(M)")
+
+    def default_model(self) -> str:
+        return "yolov8n-seg"
+
+    # --- data ---------------------------------------------------------------------------
+    def dataset_options(self, cfg: dict) -> dict:
+        return {"masks": True, "mask_ratio": int(cfg["mask_ratio"]), "overlap": bool(cfg["overlap_mask"])}
+
+    def check_labels(self, labels, split: str) -> None:
+        """A segmentation model needs a polygon for every object: stop at the first image that has boxes only."""
+        from vistrain.data.yolo import label_path
+
+        for it in labels.items:
+            if len(it.cls) and (len(it.segments) != len(it.cls) or not all(len(s) for s in it.segments)):
+                raise UserError(f"{label_path(Path(it.im_file))}: box rows without polygons ({split} split); a "
+                                f"segmentation model needs a polygon for every object (rows cls x1 y1 x2 y2 x3 y3 "
+                                f"...). Give polygons, or train a detection model (e.g. model=yolov8n) on box labels")
+
+    # --- model hooks --------------------------------------------------------------------
+    def find_head(self, model: torch.nn.Module, cfg: dict):
+        from vistrain.nn.modules import Segment
+
+        head = next((m for m in model.modules() if isinstance(m, Segment)), None)
+        if head is None:
+            raise UserError(f"model={cfg.get('model')}: no Segment head; not a segmentation model")
+        return head
+
+    def make_loss(self, model: torch.nn.Module, cfg: dict):
+        from vistrain.losses.yolov8 import SegmentLoss
+
+        return SegmentLoss.from_model(model, {"box": 7.5 if cfg["box"] is None else cfg["box"], "cls": cfg["cls"],
+                                              "dfl": cfg["dfl"], "overlap_mask": cfg["overlap_mask"]})
+
+    def setup_model(self, model, data, cfg: dict, train: bool = True) -> None:
+        super().setup_model(model, data, cfg, train)
+        self.loss_names = type(self).loss_names
+
+    # --- batches ------------------------------------------------------------------------
+    def preprocess(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        out = super().preprocess(batch, device)
+        out["masks"] = batch["masks"].to(device, non_blocking=device.type == "cuda")
+        return out
+
+    def loss(self, preds, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss_fn(preds, batch["targets"], batch["masks"])
+
+    def masks_for(self, det: torch.Tensor, proto: torch.Tensor, input_hw, ratio_pad, orig_hw) -> torch.Tensor:
+        """bool ``Tensor[K, h0, w0]``: the masks of ``det`` (rows with mask coefficients after column 6, boxes
+        in input pixels) at the original image size."""
+        from vistrain.data.augment import scale_boxes_back
+        from vistrain.ops.masks import masks_from_protos
+
+        boxes = torch.as_tensor(scale_boxes_back(det[:, :4].detach().float().cpu().numpy(), *ratio_pad, orig_hw))
+        return masks_from_protos(det[:, 6:], proto, boxes, input_hw, ratio_pad, orig_hw).cpu()
+
+    # --- metrics --------------------------------------------------------------------------
+    def new_metrics(self, names: list[str]):
+        from vistrain.metrics.segment import SegmentMetrics
+
+        return SegmentMetrics(names)
+
+    def update_metrics(self, metrics, preds, batch: dict[str, Any]) -> None:
+        from vistrain.data.augment import scale_boxes_back
+
+        dets = self.postprocess(preds, self.nms_settings(self.cfg, "val"))
+        input_hw = tuple(batch["img"].shape[2:])
+        for i, det in enumerate(dets):
+            h0, w0 = batch["ori_shape"][i]
+            masks = self.masks_for(det, preds[2][i], input_hw, batch["ratio_pad"][i], (h0, w0))
+            box = det[:, :6].detach().float().cpu().clone()
+            box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), *batch["ratio_pad"][i], (h0, w0)))
+            gt = batch["ori_labels"][i]
+            metrics.update(box, masks, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["cls"]),
+                           polygon_rles(gt["segments"], h0, w0), image_id=Path(batch["im_file"][i]).stem,
+                           image_size=(w0, h0), file_name=batch["im_file"][i])
+
+    # --- prediction ---------------------------------------------------------------------
+    def predict_postprocess(self, preds, cfg: dict, metas: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """-> per image (``Tensor[K, 6]`` boxes in original pixels, bool ``Tensor[K, h0, w0]`` masks)."""
+        from vistrain.data.augment import scale_boxes_back
+
+        out = []
+        input_hw = (int(cfg["imgsz"]), int(cfg["imgsz"]))  # predict_preprocess letterboxes to this square
+        dets = self.postprocess(preds, self.nms_settings(cfg, "predict"))
+        for i, (det, (ratio, pad, shape)) in enumerate(zip(dets, metas)):
+            masks = self.masks_for(det, preds[2][i], input_hw, (ratio, pad), tuple(shape))
+            box = det[:, :6].detach().float().cpu().clone()
+            box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
+            out.append((box, masks))
+        return out
+
+    def make_result(self, path: str, names: list[str], image, out):
+        from vistrain.engine.predictor import Result
+
+        boxes, masks = out
+        return Result(path, names, (image.height, image.width), boxes=boxes, masks=masks)
+
+    def draw(self, result, image):
+        from vistrain.utils.plotting import draw_boxes, draw_masks
+
+        return draw_boxes(draw_masks(image, result.masks, result.boxes[:, 5]), result.boxes, result.names)
+
+    def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
+        """``labels/NAME.txt`` per image (``cls x1 y1 ... xn yn conf``: the mask outline, normalised) and
+        ``predictions.json`` (boxes, scores and COCO RLE masks)."""
+        from vistrain.metrics.detect import _json_rle, to_rles
+
+        labels = save_dir / "labels"
+        labels.mkdir(exist_ok=True)
+        records = []
+        for r in results:
+            h, w = r.orig_shape
+            stem = Path(r.path).stem + (f"_{r.extra['frame']}" if "frame" in r.extra else "")
+            rows, dets = [], []
+            rles = to_rles(r.masks) if len(r.masks) else []
+            for (x1, y1, x2, y2, score, c), mask, rle in zip(r.boxes.tolist(), r.masks.numpy(), rles):
+                poly = mask_polygon(mask) / np.array([w, h], np.float32)
+                if len(poly) >= 3:
+                    rows.append(f"{int(c)} " + " ".join(f"{v:.6f}" for v in poly.ravel()) + f" {score:.5f}\n")
+                dets.append({"class": int(c), "name": r.names[int(c)], "confidence": round(score, 5),
+                             "box": [round(v, 2) for v in (x1, y1, x2, y2)], "segmentation": _json_rle(rle)})
+            (labels / f"{stem}.txt").write_text("".join(rows))
+            records.append({"image": r.path, **({"frame": r.extra["frame"]} if "frame" in r.extra else {}),
+                            "width": w, "height": h, "detections": dets})
+        (save_dir / "predictions.json").write_text(json.dumps(records, indent=1))
