@@ -443,3 +443,59 @@ def test_detect_augment_config_errors():
     with pytest.raises(TypeError):
         A.DetectAugment(IMGSZ, mosiac=1.0)
     assert A.DetectAugment.from_hyp(64, {"degrees": 3, "lr0": 0.01}).degrees == 3.0
+
+
+# ------------------------------------------------------------------------------------ masks
+def test_polygon_mask_pixel_centres_and_order():
+    square = np.array([[2.2, 2.2], [5.8, 2.2], [5.8, 5.8], [2.2, 5.8]], np.float32)  # pixel centres 2.5 .. 5.5
+    m = A.polygon_mask((8, 8), [square])
+    assert m.sum() == 16 and m[2:6, 2:6].all()
+    half = A.polygon_mask((8, 8), [square], ratio=2)  # centres (1.5, 2.5) * 2 inside: pixels 1, 2
+    assert half.shape == (4, 4) and half.sum() == 4 and half[1:3, 1:3].all()
+    big = np.array([[0, 0], [8, 0], [8, 8], [0, 8]], np.float32)
+    m = A.polygon_mask((8, 8), [big, square], values=[1, 2])
+    assert (m == 2).sum() == (A.polygon_mask((8, 8), [square])).sum() and (m > 0).all()  # later ones on top
+    assert A.polygon_mask((8, 8), [np.zeros((2, 2), np.float32)]).sum() == 0  # < 3 points: nothing
+
+
+def test_instance_masks_overlap_sorts_by_area():
+    small = np.array([[2, 2], [6, 2], [6, 6], [2, 6]], np.float32)
+    big = np.array([[0, 0], [16, 0], [16, 16], [0, 16]], np.float32)
+    inst = Instances(np.array([5, 7]), np.array([[2, 2, 6, 6], [0, 0, 16, 16]], np.float32), [small, big])
+    m, ordered = A.instance_masks(inst, (16, 16), ratio=1, overlap=True)
+    assert ordered.cls.tolist() == [7, 5]  # largest first: number 1 = the big one
+    per, same = A.instance_masks(inst, (16, 16), ratio=1, overlap=False)
+    assert same is inst and per.shape == (2, 16, 16) and per[1].sum() == 256
+    assert np.array_equal(m == 2, per[0].astype(bool)) and (m > 0).all()
+
+
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_masks_follow_objects_through_pipeline(mosaic, ratio):
+    """Masks of the augmented polygons cover the transformed painted objects (mosaic, perspective, flips,
+    letterbox); the overlap map numbers them as the per-instance masks do, largest object first."""
+    data = dataset("polygon", seed=3)
+    aug = A.DetectAugment(IMGSZ, mosaic=mosaic, **HYP)
+    checked = 0
+    for seed in range(10):
+        img, inst = aug(seed % len(data), loader(data), len(data), np.random.default_rng(seed))
+        h, w = img.shape[:2]
+        masks, same = A.instance_masks(inst, (h, w), ratio, overlap=False)
+        assert same is inst and masks.shape == (len(inst), h // ratio, w // ratio)
+        for c in np.unique(inst.cls.astype(int)):  # a mosaic may hold one image twice: compare per colour
+            m = masks[inst.cls == c].any(0)
+            painted = colour_mask(img, c, 0.5).astype(np.float32)
+            if ratio > 1:
+                painted = cv2.resize(painted, (w // ratio, h // ratio), interpolation=cv2.INTER_AREA)
+            painted = painted >= 0.5
+            if m.sum() * ratio * ratio >= 200:  # objects large enough for a pixel-level comparison
+                assert (m & painted).sum() / (m | painted).sum() >= 0.7, f"mask of object {c} off its pixels"
+                checked += 1
+        overlap, ordered = A.instance_masks(inst, (h, w), ratio, overlap=True)
+        assert overlap.shape == (h // ratio, w // ratio) and sorted(ordered.cls.tolist()) == sorted(inst.cls.tolist())
+        per, _ = A.instance_masks(ordered, (h, w), ratio, overlap=False)
+        areas = [cv2.contourArea(p) for p in ordered.segments]
+        assert all(np.diff(areas) <= 0)  # largest polygon first
+        for k, m in enumerate(per.astype(bool)):  # painted objects do not overlap: the maps agree exactly
+            assert np.array_equal(overlap == k + 1, m)
+    assert checked >= 10

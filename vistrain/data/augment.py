@@ -509,15 +509,28 @@ _SHIFT = 4  # sub-pixel bits for cv2.fillPoly
 def polygon_mask(shape: tuple[int, int], polygons: Sequence[np.ndarray], ratio: int = 1,
                  values: Sequence[int] | None = None, dtype=np.uint8) -> np.ndarray:
     """Rasterise ``polygons`` (``[K, 2]`` x, y in pixels of an image of ``shape`` (h, w)) onto a mask of
-    ``shape / ratio``: pixel (i, j) is filled when its centre lies inside.  Polygons are drawn in order with
-    ``values`` (default 1), so later ones cover earlier ones."""
+    ``ceil(shape / ratio)``.  Each polygon is filled at full resolution (``cv2.fillPoly`` with sub-pixel
+    vertices: pixels whose centre is inside, plus boundary pixels), within its own bounding box, and each
+    ``ratio`` x ``ratio`` block becomes one mask pixel, set when at least half of the block is covered.
+    Polygons are drawn in order with ``values`` (default 1), so later ones cover earlier ones."""
     h, w = shape
-    mask = np.zeros((math.ceil(h / ratio), math.ceil(w / ratio)), dtype)
+    mh, mw = math.ceil(h / ratio), math.ceil(w / ratio)
+    mask = np.zeros((mh, mw), dtype)
     for k, poly in enumerate(polygons):
         if len(poly) < 3:
             continue
-        pts = np.round((np.asarray(poly, np.float64) / ratio - 0.5) * (1 << _SHIFT)).astype(np.int32)
-        cv2.fillPoly(mask, [pts], int(values[k]) if values is not None else 1, lineType=cv2.LINE_8, shift=_SHIFT)
+        poly = np.asarray(poly, np.float64)
+        bx0, by0 = (np.floor(poly.min(0) / ratio).astype(int) - 1).clip(0)  # the polygon's block range
+        bx1, by1 = np.minimum(np.ceil(poly.max(0) / ratio).astype(int) + 1, (mw, mh))
+        if bx1 <= bx0 or by1 <= by0:
+            continue
+        local = np.zeros(((by1 - by0) * ratio, (bx1 - bx0) * ratio), np.uint8)
+        pts = np.round((poly - np.array([bx0, by0]) * ratio - 0.5) * (1 << _SHIFT)).astype(np.int32)
+        cv2.fillPoly(local, [pts], 1, lineType=cv2.LINE_8, shift=_SHIFT)
+        if ratio > 1:
+            cover = local.reshape(by1 - by0, ratio, bx1 - bx0, ratio).mean((1, 3))
+            local = cover >= 0.5
+        mask[by0:by1, bx0:bx1][local.astype(bool)] = int(values[k]) if values is not None else 1
     return mask
 
 
