@@ -1,0 +1,103 @@
+"""Instance segmentation end to end on a tiny generated polygon dataset: train, run folder, val save_json
+against pycocotools (bbox and segm), masks in predictions, and a box-only dataset refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vistrain
+from vistrain.data.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shapes"), n=40, imgsz=96, seed=1, workers=1)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory) -> dict:
+    project = tmp_path_factory.mktemp("runs")
+    return vistrain.train(model="yolov8n-seg", data=str(shapes / "segment" / "data.yaml"), imgsz=96, epochs=2,
+                          batch=8, workers=0, project=str(project), name="seg", close_mosaic=1, warmup_epochs=0.5,
+                          seed=0, verbose=False)
+
+
+def test_segment_run_folder(trained):
+    run = Path(trained["save_dir"])
+    for f in ("args.yaml", "results.csv", "weights/best.pt", "weights/last.pt", "train_batch0.jpg",
+              "val_batch0_pred.jpg", "PR_curve.png", "mask/PR_curve.png", "confusion_matrix.png"):
+        assert (run / f).is_file(), f
+    header = (run / "results.csv").read_text().splitlines()[0]
+    for key in ("train/box_loss", "train/seg_loss", "train/cls_loss", "train/dfl_loss", "val/seg_loss",
+                "metrics/mAP50(B)", "metrics/mAP50-95(B)", "metrics/mAP50(M)", "metrics/mAP50-95(M)"):
+        assert key in header
+    ckpt = torch.load(run / "weights" / "last.pt", weights_only=True)
+    assert ckpt["task"] == "segment"
+    assert 0.0 <= trained["metrics/mAP50-95(M)"] <= trained["metrics/mAP50(M)"] <= 1.0
+
+
+def test_val_save_json_matches_pycocotools_bbox_and_segm(trained, shapes):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    res = vistrain.val(model=str(best), save_json=True, name="val", project=str(Path(trained["save_dir"]).parent),
+                       workers=0, conf=0.001)
+    out = Path(res["save_dir"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = json.loads((out / "predictions.json").read_text())
+    assert preds and isinstance(preds[0]["segmentation"]["counts"], str)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(out / "annotations.json"))
+        dt = gt.loadRes(str(out / "predictions.json"))
+        stats = {}
+        for iou_type in ("bbox", "segm"):
+            ev = COCOeval(gt, dt, iou_type)
+            ev.evaluate(), ev.accumulate(), ev.summarize()
+            stats[iou_type] = ev.stats
+    for iou_type, x in (("bbox", "B"), ("segm", "M")):
+        assert abs(stats[iou_type][0] - metrics[f"metrics/mAP50-95({x})"]) < 1e-3
+        assert abs(stats[iou_type][1] - metrics[f"metrics/mAP50({x})"]) < 1e-3
+    assert len(gt.getImgIds()) == len(list((shapes / "segment" / "images" / "val").iterdir()))
+
+
+def test_predict_masks_at_original_size(trained, shapes):
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    images = sorted((shapes / "segment" / "images" / "val").iterdir())[:3]
+    results = vistrain.predict(best, [str(p) for p in images], conf=0.001, max_det=20, name="pred",
+                               project=str(Path(trained["save_dir"]).parent))
+    assert len(results) == 3
+    for r in results:
+        h, w = r.orig_shape
+        assert r.boxes.shape[1] == 6 and r.masks.dtype == torch.bool and r.masks.shape == (len(r.boxes), h, w)
+        for box, mask in zip(r.boxes, r.masks):  # every mask pixel lies inside its box
+            ys, xs = np.nonzero(mask.numpy())
+            if len(xs):
+                assert xs.min() >= int(box[0]) - 1 and xs.max() <= box[2] + 1
+                assert ys.min() >= int(box[1]) - 1 and ys.max() <= box[3] + 1
+    assert any(r.masks.any() for r in results)
+    out = Path(results[0].extra["save_dir"])
+    assert (out / f"{images[0].stem}.jpg").is_file()
+    record = json.loads((out / "predictions.json").read_text())[0]
+    assert record["detections"] and "segmentation" in record["detections"][0]
+    rows = [line.split() for r in results for line in
+            (out / "labels" / f"{Path(r.path).stem}.txt").read_text().splitlines()]
+    assert rows and all(len(row) % 2 == 0 and len(row) >= 8 for row in rows)  # cls, >= 3 points, conf
+
+
+def test_box_only_dataset_refused_with_the_first_file(shapes, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "vistrain", "train", "model=yolov8n-seg",
+                        f"data={shapes / 'detect' / 'data.yaml'}", "epochs=1", "imgsz=64", "workers=0"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    msg = p.stderr + p.stdout
+    assert "Traceback" not in msg and "polygon" in msg and str(shapes / "detect" / "labels") in msg
