@@ -38,3 +38,25 @@ def colour_folder(tmp_path) -> Path:
 def _runs_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder so runs/ never lands in the repository."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def ultralytics_home(tmp_path_factory):
+    """Import ultralytics (a test oracle only) offline, with its settings in a temp folder, and undo its
+    process-wide patches (it replaces ``PIL.Image.open`` with a version that may try to pip-install a HEIF
+    plugin, and changes OpenCV's thread count and numpy's print options).  Skips without ultralytics."""
+    import cv2
+    from PIL import Image
+
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
+    pil_open, threads, np_opts = Image.open, cv2.getNumThreads(), np.get_printoptions()
+    try:
+        ultralytics = pytest.importorskip("ultralytics", reason="ultralytics (a dev extra) is the test oracle; "
+                                                                "`make test` installs it")
+        import ultralytics.nn.tasks  # noqa: F401  (its model code and patches load here, not mid-test)
+    finally:
+        Image.open = pil_open
+        cv2.setNumThreads(threads)
+        np.set_printoptions(**np_opts)
+    return ultralytics

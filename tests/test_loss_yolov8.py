@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import types
 
 import pytest
@@ -162,10 +161,7 @@ def _overlap_masks(t: torch.Tensor, masks: torch.Tensor, b: int) -> torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def ul(tmp_path_factory):
-    pytest.importorskip("ultralytics", reason="ultralytics (a dev extra) is the oracle; `make test` installs it")
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
+def ul(ultralytics_home):
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
     from ultralytics.utils.loss import v8DetectionLoss, v8SegmentationLoss
 

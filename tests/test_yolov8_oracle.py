@@ -12,33 +12,20 @@ random init, its settings folder in a temp dir).  Its state_dict is loaded into 
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import pytest
 import torch
 
 import vistrain
 from vistrain.ops.boxes import decode_dfl, flatten_levels, non_max_suppression
 
-pytest.importorskip("ultralytics", reason="ultralytics (a dev extra) is the oracle; `make test` installs it")
-
 MODELS = ["yolov8n", "yolov8s", "yolov8n-seg", "yolov8s-seg"]
 
 
 @pytest.fixture(scope="module")
-def ul(tmp_path_factory):
-    """ultralytics' model classes and NMS, imported offline with its settings in a temp folder."""
-    import cv2
-
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
-    threads, np_opts = cv2.getNumThreads(), np.get_printoptions()
+def ul(ultralytics_home):
+    """ultralytics' model classes and NMS (imported offline by the ``ultralytics_home`` fixture)."""
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
     from ultralytics.utils.nms import non_max_suppression as ul_nms
-
-    cv2.setNumThreads(threads)  # undo its process-wide settings
-    np.set_printoptions(**np_opts)
 
     def build(name: str, nc: int):
         cls = SegmentationModel if name.endswith("-seg") else DetectionModel

@@ -120,6 +120,39 @@ class SegmentTask(DetectTask):
                            polygon_rles(gt["segments"], h0, w0), image_id=Path(batch["im_file"][i]).stem,
                            image_size=(w0, h0), file_name=batch["im_file"][i])
 
+    # --- plots --------------------------------------------------------------------------
+    def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None:
+        """As detection's, with the instances' masks tinted: the label masks, or the predicted ones."""
+        from vistrain.ops.boxes import xywh2xyxy
+        from vistrain.ops.masks import masks_from_protos
+        from vistrain.tasks.detect import _first_images
+        from vistrain.utils.plotting import plot_detections
+
+        imgs = batch["img"][:16].detach().float().cpu()
+        imgs = (imgs * 255).round().clamp(0, 255).to(torch.uint8) if imgs.max() <= 1.0 else imgs.to(torch.uint8)
+        h, w = imgs.shape[2:]
+        boxes, masks = [], []
+        if preds is None:
+            t, gt = batch["targets"].detach().cpu(), batch["masks"].detach().cpu()
+            start = 0
+            for i in range(len(imgs)):
+                ti = t[t[:, 0] == i]
+                boxes.append(torch.cat((xywh2xyxy(ti[:, 2:6]) * torch.tensor([w, h, w, h]), torch.ones(len(ti), 1),
+                                        ti[:, 1:2]), 1))
+                if self.cfg.get("overlap_mask", True):  # one map per image: instance k + 1 of image i
+                    masks.append(gt[i][None] == torch.arange(1, len(ti) + 1).view(-1, 1, 1))
+                else:  # one mask per target row, rows in image order
+                    masks.append(gt[start:start + len(ti)] > 0)
+                start += len(ti)
+        else:
+            preds = _first_images(preds, 16)
+            settings = {**self.nms_settings(self.cfg, "predict"), "conf": 0.25}
+            for i, det in enumerate(self.postprocess(preds, settings)):
+                det = det.detach()
+                boxes.append(det[:, :6].cpu())
+                masks.append(masks_from_protos(det[:, 6:], preds[2][i].detach(), det[:, :4], (h, w)).cpu())
+        plot_detections(imgs, boxes, names, path, show_conf=preds is not None, masks=masks)
+
     # --- prediction ---------------------------------------------------------------------
     def predict_postprocess(self, preds, cfg: dict, metas: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """-> per image (``Tensor[K, 6]`` boxes in original pixels, bool ``Tensor[K, h0, w0]`` masks)."""

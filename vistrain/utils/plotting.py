@@ -166,8 +166,9 @@ def draw_masks(image: Image.Image, masks, classes, alpha: float = 0.45) -> Image
 
 
 def plot_detections(images: torch.Tensor, boxes: list, names: list[str], path: str | Path, show_conf: bool = True,
-                    max_images: int = 16) -> None:
-    """``images (Tensor[B, 3, H, W] uint8)`` in a grid, each with its ``boxes[i] (Tensor[K, 6])`` drawn."""
+                    max_images: int = 16, masks: list | None = None) -> None:
+    """``images (Tensor[B, 3, H, W] uint8)`` in a grid, each with its ``boxes[i] (Tensor[K, 6])`` drawn and,
+    given ``masks[i]`` (bool ``Tensor[K, H', W']``, any size), those tinted under them."""
     images = images[:max_images]
     if len(images) == 0:
         return
@@ -180,6 +181,10 @@ def plot_detections(images: torch.Tensor, boxes: list, names: list[str], path: s
     for i, img in enumerate(images):
         tile = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((tw, th), Image.BILINEAR)
         b = np.asarray(boxes[i], dtype=np.float64).reshape(-1, 6).copy() if i < len(boxes) else np.zeros((0, 6))
+        if masks is not None and i < len(masks) and len(masks[i]):
+            m = torch.as_tensor(masks[i])[:, None].float()
+            m = torch.nn.functional.interpolate(m, size=(th, tw), mode="nearest")[:, 0] > 0.5
+            tile = draw_masks(tile, m.numpy(), b[:, 5])
         b[:, :4] *= scale
         grid.paste(draw_boxes(tile, b, names, show_conf, width=2), ((i % cols) * tw, (i // cols) * th))
     grid.save(path, quality=90)

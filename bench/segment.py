@@ -1,0 +1,332 @@
+"""YOLOv8n-seg trained from scratch on the built-in shapes, vistrain vs ultralytics, in one script, on CPU.
+
+Reported (and written to ``bench/results/segment.json``), for each side:
+
+1. Accuracy: box and mask mAP50-95 / mAP50 of the final ``best`` checkpoint on the validation split,
+   both scored by pycocotools (``COCOeval`` bbox and segm) against one ground truth (vistrain's
+   ``annotations.json``: the label polygons rasterised by pycocotools), from each side's own predictions
+   at conf 0.001, iou 0.7, max_det 300, masks at the original image size (ultralytics: its predictor with
+   ``retina_masks=True``; vistrain: ``val save_json=True``).  Each side's own validator numbers are
+   printed too, for information.
+2. Training speed: images per second over the training batches of every epoch but the first (from the
+   first epoch's start to each epoch's last batch; validation, checkpointing and plots not timed).
+3. Inference latency (ms, batch 1): one validation image letterboxed to ``--imgsz`` once, the same float
+   tensor for both; timed: forward of the eval-mode trained model + NMS (conf 0.25, iou 0.7) + the masks
+   of the kept boxes at the input size.  vistrain: ``model(x)`` + ``SegmentTask.postprocess`` +
+   ``masks_from_protos``; ultralytics: ``model(x)`` + ``ultralytics.utils.nms.non_max_suppression`` +
+   ``ultralytics.utils.ops.process_mask(upsample=True)``.  Neither model is Conv+BN fused (ultralytics'
+   own predictor fuses: a "fused" information line shows what that does).  Round robin, medians.
+
+Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
+augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and
+torch threads (ultralytics on CPU would otherwise force workers=0 and cpu_count - 1 threads; the script
+undoes both, as bench/detect.py does), seed 0, deterministic off.
+
+Data: ``vistrain.data.synthetic.make_dataset(n=--n, imgsz=--imgsz)`` (the built-in shapes generator; its
+``segment/data.yaml`` is read by both sides).  Offline: ``YOLO_OFFLINE=1``, settings and caches in a temp
+dir, internet sockets refused for the whole run.
+
+    .venv/bin/python bench/segment.py                 # full run (defaults below), ~40 min on 2 cores
+    .venv/bin/python bench/segment.py --quick         # smoke run: 60 images, 1 epoch, 128 px (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from classify import CpuMonitor, _cpu_name, load1, wait_for_quiet  # noqa: E402
+from detect import _quiet, block_internet  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "segment.json"
+QUICK_RESULTS = RESULTS.with_name("segment-quick.json")
+V, P = "vistrain", "ultralytics"
+CONF, IOU, MAX_DET = 0.25, 0.7, 300
+
+
+class EpochClock:
+    """Training seconds per epoch: from the epoch's start to its last batch's end."""
+
+    def __init__(self):
+        self.starts, self.ends, self.batches, self.monitor = [], [], [], CpuMonitor()
+
+    def epoch_start(self, *_):
+        if not self.starts:
+            self.monitor.start()  # the loader's workers exist by now
+        self.starts.append(time.perf_counter())
+        self.ends.append(None)
+        self.batches.append(0)
+
+    def batch_end(self, *_):
+        self.ends[-1] = time.perf_counter()
+        self.batches[-1] += 1
+
+    def result(self, n_train: int) -> dict:
+        secs = [e - s for s, e in zip(self.starts, self.ends) if e is not None]
+        timed = secs[1:] if len(secs) > 1 else secs
+        return {"epoch_train_s": secs, "img_per_s": n_train * len(timed) / sum(timed),
+                "other_cpu_share": self.monitor.share()}
+
+
+def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
+    from vistrain.config import get_config
+    from vistrain.engine.trainer import Trainer
+
+    overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
+                     batch=args.batch, workers=args.workers, device="cpu", seed=0, deterministic=False,
+                     project=str(project), name="vistrain", exist_ok=True)
+    cfg = get_config(overrides)
+    cfg["_user_keys"] = sorted(overrides)
+    torch.set_num_threads(args.threads)
+    trainer = Trainer(cfg)
+    clock = EpochClock()
+    trainer.add_callback("on_epoch_start", clock.epoch_start)
+    trainer.add_callback("on_batch_end", clock.batch_end)
+    with _quiet(args.show_progress):
+        res = trainer.train()
+    return Path(res["save_dir"]) / "weights" / "best.pt", {"clock": clock, "own": {
+        k: float(v) for k, v in res.items() if k.startswith("metrics/")}}
+
+
+def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.segment import SegmentationTrainer
+
+    workers = args.workers
+
+    class BenchTrainer(SegmentationTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.args.workers = workers  # ultralytics sets workers=0 on CPU
+
+    clock, held = EpochClock(), []
+
+    def on_train_start(tr):
+        held.append(tr)
+        torch.set_num_threads(args.threads)  # its select_device set cpu_count - 1 threads
+
+    model = YOLO("yolov8n-seg.yaml", task="segment")
+    model.add_callback("on_train_start", on_train_start)
+    model.add_callback("on_train_epoch_start", clock.epoch_start)
+    model.add_callback("on_train_batch_end", clock.batch_end)
+    torch.set_num_threads(args.threads)
+    with _quiet(args.show_progress):
+        model.train(trainer=BenchTrainer, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
+                    batch=args.batch, workers=args.workers, device="cpu", seed=0, deterministic=False,
+                    project=str(project), name="ultralytics", exist_ok=True, pretrained=False, plots=False,
+                    amp=False)
+    tr = held[0]
+    for loader in (getattr(tr, "train_loader", None), getattr(tr, "test_loader", None)):
+        if hasattr(loader, "close"):
+            loader.close()
+    own = {}
+    m = getattr(tr, "metrics", None) or {}
+    for k in ("metrics/mAP50-95(B)", "metrics/mAP50(B)", "metrics/mAP50-95(M)", "metrics/mAP50(M)"):
+        if k in m:
+            own[k] = float(m[k])
+    torch.set_num_threads(args.threads)
+    return Path(tr.best), {"clock": clock, "own": own}
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+def cocoeval(annotations: Path, predictions: list) -> dict:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        dt = gt.loadRes(predictions) if predictions else None
+        for iou_type, x in (("bbox", "B"), ("segm", "M")):
+            if dt is None:
+                out[f"mAP50-95({x})"] = out[f"mAP50({x})"] = 0.0
+                continue
+            ev = COCOeval(gt, dt, iou_type)
+            ev.evaluate(), ev.accumulate(), ev.summarize()
+            out[f"mAP50-95({x})"], out[f"mAP50({x})"] = float(ev.stats[0]), float(ev.stats[1])
+    return out
+
+
+def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
+    """Both checkpoints' val predictions scored by pycocotools against vistrain's annotations.json."""
+    import vistrain
+    from pycocotools import mask as mask_utils
+
+    with _quiet(args.show_progress):
+        res = vistrain.val(model=str(best[V]), data=str(data_root / "segment" / "data.yaml"), save_json=True,
+                           conf=0.001, iou=IOU, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
+                           project=str(project), name="vistrain-val", exist_ok=True)
+    out_dir = Path(res["save_dir"])
+    annotations = out_dir / "annotations.json"
+    images = json.loads(annotations.read_text())["images"]
+    scores = {V: cocoeval(annotations, json.loads((out_dir / "predictions.json").read_text()))}
+
+    from ultralytics import YOLO
+
+    model = YOLO(str(best[P]))
+    preds = []
+    with _quiet(args.show_progress):
+        for im in images:
+            r = model.predict(im["file_name"], conf=0.001, iou=IOU, imgsz=args.imgsz, max_det=MAX_DET,
+                              retina_masks=True, verbose=False, device="cpu")[0]
+            if r.masks is None:
+                continue
+            rles = mask_utils.encode(np.asfortranarray(r.masks.data.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
+            for box, score, c, rle in zip(r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist(), rles):
+                preds.append({"image_id": im["id"], "category_id": int(c) + 1, "score": score,
+                              "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                              "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}})
+    scores[P] = cocoeval(annotations, preds)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def inference(best: dict, data_root: Path, args) -> dict:
+    from ultralytics import YOLO
+    from ultralytics.utils import ops
+    from ultralytics.utils.nms import non_max_suppression as ul_nms
+
+    from vistrain.data.augment import letterbox
+    from vistrain.data.image import load_rgb_array
+    from vistrain.nn.model import build_model
+    from vistrain.ops.masks import masks_from_protos
+    from vistrain.tasks.segment import SegmentTask
+
+    image = sorted((data_root / "segment" / "images" / "val").iterdir())[0]
+    img, _, _ = letterbox(load_rgb_array(image), args.imgsz)
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div(255)[None]
+    hw = tuple(x.shape[2:])
+
+    ours = build_model(str(best[V])).eval()
+    task = SegmentTask()
+    task.setup_model(ours, None, {"box": None, "cls": 0.5, "dfl": 1.5, "overlap_mask": True, "model": "best"},
+                     train=False)
+    settings = {"conf": CONF, "iou": IOU, "max_det": MAX_DET, "classes": None, "agnostic": False}
+
+    def run_vistrain():
+        preds = ours(x)
+        det = task.postprocess(preds, settings)[0]
+        return det, masks_from_protos(det[:, 6:], preds[2][0], det[:, :4], hw)
+
+    theirs = YOLO(str(best[P])).model.float().eval()
+    fused = YOLO(str(best[P])).model.float().eval().fuse(verbose=False)
+    nc = theirs.model[-1].nc
+
+    def ul_runner(m):
+        def run():
+            (y, proto), _ = m(x)
+            det = ul_nms(y, CONF, IOU, nc=nc, max_det=MAX_DET)[0]
+            return det, ops.process_mask(proto[0], det[:, 6:], det[:, :4], hw, upsample=True)
+        return run
+
+    runners = {V: run_vistrain, P: ul_runner(theirs), f"{P} (fused, info)": ul_runner(fused)}
+    times = {k: [] for k in runners}
+    counts = {}
+    with torch.inference_mode():
+        for k, fn in runners.items():
+            counts[k] = len(fn()[0])  # warm-up
+        names = list(runners)
+        for rnd in range(args.infer_rounds):
+            for k in (names if rnd % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                runners[k]()
+                times[k].append(time.perf_counter() - t0)
+    return {k: {"ms_median": 1e3 * statistics.median(v), "detections": counts[k]} for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=500, help="images generated (80%% train, 20%% val)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--infer-rounds", type=int, default=60)
+    p.add_argument("--max-load", type=float, default=1.0)
+    p.add_argument("--max-wait", type=float, default=600.0)
+    p.add_argument("--show-progress", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 60 images, 1 epoch, 128 px, 10 rounds")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.imgsz, args.infer_rounds = 60, 1, 128, 10
+    args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vistrain-bench-seg-") as tmp:
+        tmp = Path(tmp)
+        os.environ["YOLO_OFFLINE"] = "1"
+        os.environ["YOLO_CONFIG_DIR"] = str(tmp / "ultralytics-config")
+        os.environ["VISTRAIN_CACHE"] = str(tmp / "vistrain-cache")
+        block_internet()
+        with _quiet(args.show_progress):
+            import ultralytics
+        from vistrain.data.synthetic import make_dataset, split_layout
+
+        torch.set_num_threads(args.threads)
+        root = make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0)
+        n_train = split_layout(args.n, 0.2)[0]
+        data_yaml = root / "segment" / "data.yaml"
+        print(f"YOLOv8n-seg from scratch, CPU, {args.threads} threads, {args.workers} workers: {n_train} train / "
+              f"{args.n - n_train} val images at {args.imgsz} px, {args.epochs} epochs, batch {args.batch}; "
+              f"ultralytics {ultralytics.__version__}", flush=True)
+        load_before, waited = wait_for_quiet(args.max_load, args.max_wait)
+        print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
+
+        best, train = {}, {}
+        for side, fn in ((V, train_vistrain), (P, train_ultralytics)):
+            t0 = time.time()
+            best[side], info = fn(data_yaml, tmp / "runs", args)
+            clock = info["clock"].result(n_train)
+            train[side] = {**clock, "own_val": info["own"], "wall_s": time.time() - t0}
+            print(f"  train {side:<12} {clock['img_per_s']:6.2f} img/s (epochs after the first; wall "
+                  f"{time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% CPU); "
+                  f"its own val: {info['own']}", flush=True)
+        acc = accuracy(best, root, tmp / "runs", args)
+        for side, s in acc.items():
+            print(f"  pycocotools {side:<12} box mAP50-95 {s['mAP50-95(B)']:.4f} (mAP50 {s['mAP50(B)']:.4f})  "
+                  f"mask mAP50-95 {s['mAP50-95(M)']:.4f} (mAP50 {s['mAP50(M)']:.4f})", flush=True)
+        infer = inference(best, root, args)
+        for side, s in infer.items():
+            print(f"  inference {side:<26} {s['ms_median']:7.1f} ms (batch 1, {args.imgsz} px; "
+                  f"{s['detections']} boxes kept)", flush=True)
+
+    ratios = {"train_img_per_s": train[V]["img_per_s"] / train[P]["img_per_s"],
+              "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
+              "box_map_minus_peer": acc[V]["mAP50-95(B)"] - acc[P]["mAP50-95(B)"],
+              "mask_map_minus_peer": acc[V]["mAP50-95(M)"] - acc[P]["mAP50-95(M)"]}
+    print(f"vistrain / ultralytics: training {ratios['train_img_per_s']:.3f}x, inference "
+          f"{ratios['inference_speed']:.3f}x; mAP50-95 difference box {ratios['box_map_minus_peer']:+.4f}, "
+          f"mask {ratios['mask_map_minus_peer']:+.4f} (targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
+    out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics (CPU)",
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "train": train, "accuracy_pycocotools": acc, "inference": infer, "ratios": ratios,
+           "load_after": load1(),
+           "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "torch": torch.__version__, "ultralytics": ultralytics.__version__}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
