@@ -14,8 +14,9 @@ Reported (and written to ``bench/results/segment.json``), for each side:
    tensor for both; timed: forward of the eval-mode trained model + NMS (conf 0.25, iou 0.7) + the masks
    of the kept boxes at the input size.  vistrain: ``model(x)`` + ``SegmentTask.postprocess`` +
    ``masks_from_protos``; ultralytics: ``model(x)`` + ``ultralytics.utils.nms.non_max_suppression`` +
-   ``ultralytics.utils.ops.process_mask(upsample=True)``.  Neither model is Conv+BN fused (ultralytics'
-   own predictor fuses: a "fused" information line shows what that does).  Round robin, medians.
+   ``ultralytics.utils.ops.process_mask(upsample=True)``.  Both models Conv+BN fused, as both predictors
+   run them (vistrain's ``fuse=True`` default, ultralytics' predictor); the unfused pair is printed for
+   information.  Round robin, medians.
 
 Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
 augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and
@@ -210,16 +211,21 @@ def inference(best: dict, data_root: Path, args) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div(255)[None]
     hw = tuple(x.shape[2:])
 
+    from vistrain.nn.model import fuse_conv_bn
+
     ours = build_model(str(best[V])).eval()
+    ours_fused = fuse_conv_bn(build_model(str(best[V])).eval())
     task = SegmentTask()
     task.setup_model(ours, None, {"box": None, "cls": 0.5, "dfl": 1.5, "overlap_mask": True, "model": "best"},
                      train=False)
     settings = {"conf": CONF, "iou": IOU, "max_det": MAX_DET, "classes": None, "agnostic": False}
 
-    def run_vistrain():
-        preds = ours(x)
-        det = task.postprocess(preds, settings)[0]
-        return det, masks_from_protos(det[:, 6:], preds[2][0], det[:, :4], hw)
+    def vis_runner(m):
+        def run():
+            preds = m(x)
+            det = task.postprocess(preds, settings)[0]
+            return det, masks_from_protos(det[:, 6:], preds[2][0], det[:, :4], hw)
+        return run
 
     theirs = YOLO(str(best[P])).model.float().eval()
     fused = YOLO(str(best[P])).model.float().eval().fuse(verbose=False)
@@ -232,7 +238,8 @@ def inference(best: dict, data_root: Path, args) -> dict:
             return det, ops.process_mask(proto[0], det[:, 6:], det[:, :4], hw, upsample=True)
         return run
 
-    runners = {V: run_vistrain, P: ul_runner(theirs), f"{P} (fused, info)": ul_runner(fused)}
+    runners = {V: vis_runner(ours_fused), P: ul_runner(fused), f"{V} unfused (info)": vis_runner(ours),
+               f"{P} unfused (info)": ul_runner(theirs)}
     times = {k: [] for k in runners}
     counts = {}
     with torch.inference_mode():
@@ -311,6 +318,8 @@ def main(argv=None) -> int:
 
     ratios = {"train_img_per_s": train[V]["img_per_s"] / train[P]["img_per_s"],
               "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
+              "inference_speed_unfused": infer[f"{P} unfused (info)"]["ms_median"]
+              / infer[f"{V} unfused (info)"]["ms_median"],
               "box_map_minus_peer": acc[V]["mAP50-95(B)"] - acc[P]["mAP50-95(B)"],
               "mask_map_minus_peer": acc[V]["mAP50-95(M)"] - acc[P]["mAP50-95(M)"]}
     print(f"vistrain / ultralytics: training {ratios['train_img_per_s']:.3f}x, inference "

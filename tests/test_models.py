@@ -181,3 +181,27 @@ def test_activation_is_a_constructor_argument(tmp_path):
     silu_model = build_model("yolov5n-cls", num_classes=2)
     assert isinstance(relu_model.layers[0].act, torch.nn.ReLU)
     assert isinstance(silu_model.layers[0].act, torch.nn.SiLU)  # building one did not change the other
+
+
+@pytest.mark.parametrize("name", ["yolov8n-seg", "yolov5s", "yolov5n-cls"])
+def test_fuse_conv_bn_same_outputs(name):
+    from vistrain.nn.model import fuse_conv_bn
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            model(torch.rand(2, 3, 64, 64))
+    model.eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = tensors(model(x))
+        fused = fuse_conv_bn(model)
+        got = tensors(fused(x))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules() if m.__class__.__name__ == "Conv")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == 0
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval"):
+        fuse_conv_bn(build_model(name, num_classes=3))

@@ -169,6 +169,10 @@ def predict(cfg: dict) -> list[Result]:
     names = list(ckpt.get("names") or [str(i) for i in range(ckpt["model_yaml"].get("nc", 0))])
     device, save_dir = prepare_run(cfg, task, default_name="predict")
     model = model.to(device).eval()
+    if cfg.get("fuse", True):
+        from vistrain.nn.model import fuse_conv_bn
+
+        fuse_conv_bn(model)
     if hasattr(task, "setup_model"):
         task.setup_model(model, None, cfg, train=False)
     results: list[Result] = []
