@@ -21,7 +21,7 @@ Reported (and written to ``bench/results/segment.json``), for each side:
 Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
 augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and
 torch threads (ultralytics on CPU would otherwise force workers=0 and cpu_count - 1 threads; the script
-undoes both, as bench/detect.py does), seed 0, deterministic off.
+undoes both, as bench/detect.py does), seed ``--seed`` (0), deterministic off.
 
 Data: ``vistrain.data.synthetic.make_dataset(n=--n, imgsz=--imgsz)`` (the built-in shapes generator; its
 ``segment/data.yaml`` is read by both sides).  Offline: ``YOLO_OFFLINE=1``, settings and caches in a temp
@@ -87,7 +87,7 @@ def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
     from vistrain.engine.trainer import Trainer
 
     overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
-                     batch=args.batch, workers=args.workers, device="cpu", seed=0, deterministic=False,
+                     batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
                      project=str(project), name="vistrain", exist_ok=True)
     cfg = get_config(overrides)
     cfg["_user_keys"] = sorted(overrides)
@@ -126,7 +126,7 @@ def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]
     torch.set_num_threads(args.threads)
     with _quiet(args.show_progress):
         model.train(trainer=BenchTrainer, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
-                    batch=args.batch, workers=args.workers, device="cpu", seed=0, deterministic=False,
+                    batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
                     project=str(project), name="ultralytics", exist_ok=True, pretrained=False, plots=False,
                     amp=False)
     tr = held[0]
@@ -264,6 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--infer-rounds", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0, help="training seed of both sides (the data is always seed 0)")
     p.add_argument("--max-load", type=float, default=1.0)
     p.add_argument("--max-wait", type=float, default=600.0)
     p.add_argument("--show-progress", action="store_true")

@@ -12,6 +12,8 @@ random init, its settings folder in a temp dir).  Its state_dict is loaded into 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -26,16 +28,17 @@ def ul(ultralytics_home):
     """ultralytics' model classes and NMS (imported offline by the ``ultralytics_home`` fixture)."""
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
     from ultralytics.utils.nms import non_max_suppression as ul_nms
+    from ultralytics.utils.ops import process_mask
 
     def build(name: str, nc: int):
         cls = SegmentationModel if name.endswith("-seg") else DetectionModel
         return cls(f"{name}.yaml", nc=nc, verbose=False)
 
-    return build, ul_nms
+    return types.SimpleNamespace(build=build, nms=ul_nms, process_mask=process_mask)
 
 
 def _pair(ul, name: str, nc: int = 80):
-    theirs = ul[0](name, nc)
+    theirs = ul.build(name, nc)
     ours = vistrain.build_model(name, num_classes=nc)
     return theirs, ours
 
@@ -51,7 +54,7 @@ def test_state_dict_keys_and_shapes_equal_and_load_strictly(ul, name):
     assert sum(p.numel() for p in ours.parameters()) == n_theirs
 
 
-@pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg"])
+@pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg", "yolov8s", "yolov8s-seg"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_raw_outputs_equal(ul, name, mode):
     torch.manual_seed(0)
@@ -103,9 +106,45 @@ def test_nms_equals_ultralytics(ul, agnostic):
     scores = (torch.randperm(2 * n * nc, generator=g).view(2, n, nc) / (2 * n * nc)) ** 3  # no ties to order
     extra = torch.randn(2, n, nm, generator=g)
     decoded = torch.cat((xy, wh, scores, extra), -1)
-    ref = ul[1](decoded.transpose(1, 2).clone(), 0.25, 0.45, agnostic=agnostic, max_det=300, nc=nc,
+    ref = ul.nms(decoded.transpose(1, 2).clone(), 0.25, 0.45, agnostic=agnostic, max_det=300, nc=nc,
                 max_time_img=1e9)
     got = non_max_suppression(decoded.clone(), 0.25, 0.45, agnostic=agnostic, max_det=300, objectness=False, nc=nc)
     for r, o in zip(ref, got):
         assert len(o) > 20 and o.shape == r.shape
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-4)
+
+
+def test_boxes_and_masks_after_postprocessing_equal(ul):
+    """The whole path: same weights -> same NMS boxes and the same masks at the input size."""
+    from vistrain.ops.masks import masks_from_protos
+    from vistrain.tasks.segment import SegmentTask
+
+    torch.manual_seed(4)
+    theirs, ours = _pair(ul, "yolov8n-seg", nc=3)
+    with torch.no_grad():  # shift the class logits so that some dozens of boxes pass conf 0.25
+        for conv in ours.model[-1].cv3:
+            conv[-1].bias.fill_(1.0)
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # the keys are the same both ways
+    theirs.eval()
+    ours.eval()
+    x = torch.rand(1, 3, 128, 160)
+    with torch.no_grad():
+        (y, proto), _ = theirs(x)
+        ref = ul.nms(y.clone(), 0.25, 0.7, nc=3, max_det=300, max_time_img=1e9)[0]
+        ref_masks = ul.process_mask(proto[0], ref[:, 6:], ref[:, :4], (128, 160), upsample=True)
+        task = SegmentTask()
+        task.setup_model(ours, None, {"box": None, "cls": 0.5, "dfl": 1.5, "overlap_mask": True, "model": "m"},
+                         train=False)
+        preds = ours(x)
+        det = task.postprocess(preds, {"conf": 0.25, "iou": 0.7, "max_det": 300, "classes": None,
+                                       "agnostic": False})[0]
+        masks = masks_from_protos(det[:, 6:], preds[2][0], det[:, :4], (128, 160))
+    assert len(det) >= 5 and det.shape == ref.shape
+    torch.testing.assert_close(det, ref, rtol=1e-4, atol=1e-3)
+    assert masks.shape == ref_masks.shape and masks.any()
+    # the mask step on the same detections and prototypes: exactly ultralytics' masks
+    same_input = masks_from_protos(ref[:, 6:], proto[0], ref[:, :4], (128, 160))
+    assert torch.equal(same_input, ref_masks.bool())
+    # end to end: box corners differ by float rounding (< 1e-3 px), which can move a pixel across a box edge
+    mismatch = (masks != ref_masks.bool()).float().mean()
+    assert mismatch < 5e-3, mismatch

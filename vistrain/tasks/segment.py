@@ -77,10 +77,6 @@ class SegmentTask(DetectTask):
         return SegmentLoss.from_model(model, {"box": 7.5 if cfg["box"] is None else cfg["box"], "cls": cfg["cls"],
                                               "dfl": cfg["dfl"], "overlap_mask": cfg["overlap_mask"]})
 
-    def setup_model(self, model, data, cfg: dict, train: bool = True) -> None:
-        super().setup_model(model, data, cfg, train)
-        self.loss_names = type(self).loss_names
-
     # --- batches ------------------------------------------------------------------------
     def preprocess(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         out = super().preprocess(batch, device)
