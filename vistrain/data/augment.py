@@ -498,10 +498,8 @@ class DetectAugment:
 
     def _perspective(self, img: np.ndarray, inst: Instances, rng: np.random.Generator,
                      ) -> tuple[np.ndarray, Instances]:
-        # objects with polygons are kept down to 1% of their area (boxes: 10%), as ultralytics does
         return random_perspective(img, inst, rng, degrees=self.degrees, translate=self.translate, scale=self.scale,
-                                  shear=self.shear, perspective=self.perspective, out_size=self.imgsz,
-                                  area_thr=0.01 if inst.has_segments else 0.1)
+                                  shear=self.shear, perspective=self.perspective, out_size=self.imgsz)
 
 
 # ------------------------------------------------------------------------------------ masks
