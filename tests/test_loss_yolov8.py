@@ -65,7 +65,7 @@ def brute_force_assign(scores, boxes, points, gt_cls, gt_boxes, gt_valid, topk, 
                     u = max(float(ciou_xyxy(boxes[i, a][None], gt_boxes[i, g][None])), 0.0)
                     s = float(scores[i, a, int(gt_cls[i, g])])
                     overlap[g][a], metric[g][a] = u, s ** alpha * u ** beta
-            ranked = sorted((a for a in range(n) if cand[g][a] and metric[g][a] > 0), key=lambda a: -metric[g][a])
+            ranked = sorted((a for a in range(n) if cand[g][a]), key=lambda a: -metric[g][a])
             for a in ranked[:topk]:
                 pos[g][a] = True
         for a in range(n):

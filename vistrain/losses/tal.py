@@ -3,8 +3,7 @@
 For every ground truth ``g`` and anchor point ``a`` whose centre lies inside ``g`` (the candidates), the
 alignment metric is ``t = s ** alpha * u ** beta`` with ``s`` the predicted probability of ``g``'s class at
 ``a`` and ``u`` the CIoU (clamped at 0) of ``a``'s predicted box with ``g``.  Each ground truth takes its
-``topk`` candidates of highest ``t`` among those with ``t > 0`` (a zero metric would give a zero target
-anyway); an anchor point taken by several keeps the ground truth its
+``topk`` candidates of highest ``t``; an anchor point taken by several keeps the ground truth its
 prediction overlaps most.  The class target of a positive is not 1 but
 ``t / max_a t(g) * max_a u(g)`` (both maxima over ``g``'s positives): good predictions are asked for high
 scores, poor ones for low.
@@ -79,10 +78,10 @@ class TaskAlignedAssigner:
         overlap[bi, gi, ai] = u
         metric[bi, gi, ai] = s.pow(self.alpha) * u.pow(self.beta)
 
-        # each ground truth's top-k candidates of positive metric
+        # each ground truth's top-k candidates (non-candidates rank below every candidate)
         k = min(self.topk, n)
         top = metric.masked_fill(~cand, -1.0).topk(k, dim=-1).indices  # [B, M, k]
-        pos = torch.zeros_like(cand).scatter_(-1, top, True) & cand & (metric > 0)
+        pos = torch.zeros_like(cand).scatter_(-1, top, True) & cand
 
         # an anchor point claimed by several ground truths keeps the one its prediction overlaps most
         multi = pos.sum(1, keepdim=True) > 1  # [B, 1, N]
