@@ -8,14 +8,15 @@ ImageFolder (written to a temp dir), with the same batch, image size, dataloader
 threads and optimizer (SGD, lr 0.01, momentum 0.937, Nesterov, weight decay 5e-4), with
 ``deterministic=False`` on both sides.  vistrain runs through ``Trainer(cfg).train()`` with
 ``nbs=batch`` (an optimizer step every batch, like the bare loop), ``warmup_epochs=0``,
-``plots=False`` and otherwise its defaults (EMA on, clip_grad 10, colour jitter hsv 0.2); a second
-vistrain line has EMA off.
+``plots=False`` and otherwise its defaults (EMA on, clip_grad 10, colour jitter hsv 0.2, channels_last:
+NHWC weights and activations, which the bare loop does not use); a second vistrain line,
+"vistrain (NCHW)", has ``channels_last=False``: the same memory layout as the bare loop.
 
 A "step" is everything between the end of one batch and the end of the next: waiting for the
 batch from the dataloader, forward, loss, backward, optimizer step (vistrain: plus grad clipping,
 EMA update, progress bar; measured between ``on_batch_end`` callbacks).  The first ``--warmup``
 steps of every run are not timed (worker start-up, allocator warm-up); the next ``--steps`` are.
-The runs alternate in one process, in counterbalanced order (torchvision, vistrain, vistrain-no-EMA,
+The runs alternate in one process, in counterbalanced order (torchvision, vistrain, vistrain-NCHW,
 then the reverse, ...), and each side reports the median of its per-run throughputs.  vistrain's run is stopped right after
 its timed steps (from the callback), so validation and checkpointing never enter the timing.
 
@@ -275,13 +276,13 @@ def run_torchvision(data: Path, args, may_abort: bool = False) -> dict:
     return clock.result(args.batch)
 
 
-def vistrain_cfg(data: Path, project: Path, args, ema: bool) -> dict:
+def vistrain_cfg(data: Path, project: Path, args, channels_last: bool) -> dict:
     from vistrain.config import get_config
 
     overrides = dict(
         model="resnet50", data=str(data), imgsz=args.imgsz, batch=args.batch, workers=args.workers, device="cpu",
         epochs=1, optimizer="SGD", lr0=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY,
-        nbs=args.batch, warmup_epochs=0, ema=ema, deterministic=False, plots=False, verbose=False,
+        nbs=args.batch, warmup_epochs=0, channels_last=channels_last, deterministic=False, plots=False, verbose=False,
         project=str(project), name="bench", exist_ok=True, seed=0,
     )
     if args.hsv is not None:
@@ -293,10 +294,10 @@ def vistrain_cfg(data: Path, project: Path, args, ema: bool) -> dict:
     return cfg
 
 
-def run_vistrain(data: Path, project: Path, args, ema: bool, may_abort: bool = False) -> dict:
+def run_vistrain(data: Path, project: Path, args, channels_last: bool, may_abort: bool = False) -> dict:
     from vistrain.engine.trainer import Trainer
 
-    trainer = Trainer(vistrain_cfg(data, project, args, ema))
+    trainer = Trainer(vistrain_cfg(data, project, args, channels_last))
     clock = StepClock(args, may_abort)
 
     def on_batch_end(tr) -> None:
@@ -330,7 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--imgsz", type=int, default=224)
     p.add_argument("--workers", type=int, default=2, help="dataloader workers on both sides (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--no-ema-off", action="store_true", help="skip the extra vistrain run with ema=False")
+    p.add_argument("--no-nchw", action="store_true", help="skip the extra vistrain run with channels_last=False")
     p.add_argument("--hsv", type=float, default=None, help="vistrain colour-jitter strength (default: vistrain's)")
     p.add_argument("--clip-grad", type=float, default=None, help="vistrain clip_grad (default: vistrain's)")
     p.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
@@ -366,7 +367,7 @@ def main(argv=None) -> int:
     print(f"ResNet-50 training steps, batch {args.batch}, {args.imgsz} px, CPU, {threads} threads, "
           f"{args.workers} workers, {args.warmup} warm-up + {args.steps} timed steps x {args.repeats} runs per side",
           flush=True)
-    sides = ["torchvision", "vistrain"] + ([] if args.no_ema_off else ["vistrain (ema off)"])
+    sides = ["torchvision", "vistrain"] + ([] if args.no_nchw else ["vistrain (NCHW)"])
     results: dict[str, list[dict]] = {s: [] for s in sides}
     discarded: dict[str, list[dict]] = {s: [] for s in sides}
 
@@ -386,7 +387,7 @@ def main(argv=None) -> int:
                     if side == "torchvision":
                         res = run_torchvision(data, args, may_abort=not last)
                     else:
-                        res = run_vistrain(data, tmp / "runs", args, ema=side == "vistrain", may_abort=not last)
+                        res = run_vistrain(data, tmp / "runs", args, channels_last=side == "vistrain", may_abort=not last)
                     share = res["other_cpu_share"]
                     busy = share is not None and share > args.max_other
                     other = f", other processes {100 * share:.0f}% CPU" if share is not None else ""
@@ -423,11 +424,11 @@ def main(argv=None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "vistrain_settings": {k: v for k, v in vistrain_cfg(Path("DATA"), Path("RUNS"), args, True).items()
                               if k in ("optimizer", "lr0", "momentum", "nesterov", "weight_decay", "nbs", "ema",
-                                       "clip_grad", "hsv", "fliplr", "augment", "warmup_epochs", "deterministic",
+                                       "clip_grad", "hsv", "fliplr", "augment", "warmup_epochs", "deterministic", "channels_last",
                                        "amp", "plots")},
         "img_per_s_median": med,
         "ratio_vistrain_torchvision": ratio,
-        "ratio_vistrain_ema_off_torchvision": med.get("vistrain (ema off)", float("nan")) / base,
+        "ratio_vistrain_nchw_torchvision": med.get("vistrain (NCHW)", float("nan")) / base,
         "target": 0.95,
         "runs": results,
         "discarded_runs": discarded,

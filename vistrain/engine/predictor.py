@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from vistrain.engine.utils import LOGGER, UserError
+from vistrain.nn.model import set_memory_format
 
 
 @dataclass
@@ -173,6 +174,7 @@ def predict(cfg: dict) -> list[Result]:
         from vistrain.nn.model import fuse_conv_bn
 
         fuse_conv_bn(model)
+    set_memory_format(model, cfg["channels_last"])
     if hasattr(task, "setup_model"):
         task.setup_model(model, None, cfg, train=False)
     results: list[Result] = []

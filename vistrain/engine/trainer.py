@@ -25,6 +25,7 @@ from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint
 from vistrain.engine.run import build_run_model, get_task_for, prepare_run, public_args, resolve_model_source
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
 from vistrain.engine.validator import make_loader, run_validation
+from vistrain.nn.model import set_memory_format
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
 # keys a user may change when resuming; everything else comes from the interrupted run
@@ -89,6 +90,7 @@ class Trainer:
         model_yaml = self.resume_ckpt["model_yaml"] if self.resume_ckpt else model_yaml
         self.model = build_run_model(cfg, model_yaml, None if self.resume_ckpt else ckpt, len(self.names))
         self.model.to(self.device)
+        set_memory_format(self.model, cfg["channels_last"])
         if hasattr(self.task, "setup_model"):  # e.g. detection: autoanchor, the loss's anchors and strides
             self.task.setup_model(self.model, self.data, cfg, train=self.resume_ckpt is None)
         if cfg["plots"] and hasattr(self.task, "plot_labels") and not self.resume_ckpt:
@@ -328,9 +330,9 @@ class Trainer:
         infer = self.ema.ema if self.ema else model
         return {
             "version": 1, "epoch": self.epoch, "best_fitness": self.best_fitness, "best_epoch": self.best_epoch,
-            "model": {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                      for k, v in infer.state_dict().items()},
-            "train_model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model": {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+                      for k, v in infer.state_dict().items()},  # NCHW on disk, whatever the training layout
+            "train_model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             "ema_updates": self.ema.updates if self.ema else 0, "last_opt_step": self.last_opt_step,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "model_yaml": model.yaml, "task": self.task.name, "names": list(self.names),

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vistrain.engine.utils import LOGGER
+from vistrain.nn.model import set_memory_format
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def val(cfg: dict) -> dict[str, Any]:
 
         raise UserError(f"data={data.source}: its classes {names} differ from the model's {list(ckpt['names'])}")
     loader = make_loader(data.val, task, cfg["batch"], cfg["workers"], shuffle=False, device=device)
-    model = model.to(device)
+    model = set_memory_format(model.to(device), cfg["channels_last"])
     if hasattr(task, "setup_model"):
         task.setup_model(model, data, cfg, train=False)
     t0 = time.time()
