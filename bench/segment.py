@@ -25,13 +25,15 @@ Reported (and written to ``bench/results/segment.json``), for each side:
 Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
 augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and
 torch threads (ultralytics on CPU would otherwise force workers=0 and cpu_count - 1 threads; the script
-undoes both, as bench/detect.py does), seed ``--seed`` (0), deterministic off.
+undoes both, as bench/detect.py does), deterministic off, once per seed of ``--seeds`` (0, 1, 2): accuracy
+is the mean over seeds (one 10-epoch run from scratch swings by +/-30% with the seed), training speed the
+median; inference uses the first seed's checkpoints.
 
 Data: ``vistrain.data.synthetic.make_dataset(n=--n, imgsz=--imgsz)`` (the built-in shapes generator; its
 ``segment/data.yaml`` is read by both sides).  Offline: ``YOLO_OFFLINE=1``, settings and caches in a temp
 dir, internet sockets refused for the whole run.
 
-    .venv/bin/python bench/segment.py                 # full run (defaults below), ~40 min on 2 cores
+    .venv/bin/python bench/segment.py                 # full run (defaults below), ~50 min on 2 cores (3 seeds)
     .venv/bin/python bench/segment.py --quick         # smoke run: 60 images, 1 epoch, 128 px (~1 min)
 """
 
@@ -294,7 +296,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--infer-rounds", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0, help="training seed of both sides (the data is always seed 0)")
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
+                   help="training seeds, comma-separated: each side trains once per seed, accuracy is the mean "
+                        "over seeds (one 10-epoch run from scratch varies by +/-30%%); the data is always seed 0")
     p.add_argument("--max-load", type=float, default=1.0)
     p.add_argument("--max-wait", type=float, default=600.0)
     p.add_argument("--show-progress", action="store_true")
@@ -302,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.epochs, args.imgsz, args.infer_rounds = 60, 1, 128, 10
+        args.n, args.epochs, args.imgsz, args.infer_rounds, args.seeds = 60, 1, 128, 10, args.seeds[:1]
     args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     return args
 
@@ -329,40 +333,55 @@ def main(argv=None) -> int:
         load_before, waited = wait_for_quiet(args.max_load, args.max_wait)
         print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
 
-        best, train = {}, {}
-        for side, fn in ((V, train_vistrain), (P, train_ultralytics)):
-            t0 = time.time()
-            best[side], info = fn(data_yaml, tmp / "runs", args)
-            clock = info["clock"].result(n_train)
-            train[side] = {**clock, "own_val": info["own"], "wall_s": time.time() - t0}
-            print(f"  train {side:<12} {clock['img_per_s']:6.2f} img/s (epochs after the first; wall "
-                  f"{time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% CPU); "
-                  f"its own val: {info['own']}", flush=True)
-        acc = accuracy(best, root, tmp / "runs", args)
-        for pipeline, sides in acc.items():
-            for side, s in sides.items():
-                print(f"  pycocotools, {pipeline:<7} pipeline, {side:<12} box mAP50-95 {s['mAP50-95(B)']:.4f} "
-                      f"(mAP50 {s['mAP50(B)']:.4f})  mask mAP50-95 {s['mAP50-95(M)']:.4f} "
-                      f"(mAP50 {s['mAP50(M)']:.4f})", flush=True)
-        infer = inference(best, root, args)
-        for side, s in infer.items():
-            print(f"  inference {side:<26} {s['ms_median']:7.1f} ms (batch 1, {args.imgsz} px; "
-                  f"{s['detections']} boxes kept)", flush=True)
+        runs = []  # per seed: {"seed", "train": {side: ...}, "accuracy": {pipeline: {side: ...}}}
+        for seed in args.seeds:
+            args.seed = seed
+            best, train = {}, {}
+            for side, fn in ((V, train_vistrain), (P, train_ultralytics)):
+                t0 = time.time()
+                best[side], info = fn(data_yaml, tmp / f"runs-seed{seed}", args)
+                clock = info["clock"].result(n_train)
+                train[side] = {**clock, "own_val": info["own"], "wall_s": time.time() - t0}
+                print(f"  seed {seed}: train {side:<12} {clock['img_per_s']:6.2f} img/s (epochs after the first; "
+                      f"wall {time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% "
+                      f"CPU); its own val: {info['own']}", flush=True)
+            acc = accuracy(best, root, tmp / f"runs-seed{seed}", args)
+            for pipeline, sides in acc.items():
+                for side, s in sides.items():
+                    print(f"  seed {seed}: pycocotools, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
+                          f"{s['mAP50-95(B)']:.4f} (mAP50 {s['mAP50(B)']:.4f})  mask mAP50-95 {s['mAP50-95(M)']:.4f} "
+                          f"(mAP50 {s['mAP50(M)']:.4f})", flush=True)
+            runs.append({"seed": seed, "train": train, "accuracy": acc})
+            if seed == args.seeds[0]:
+                infer = inference(best, root, args)
+                for side, s in infer.items():
+                    print(f"  inference {side:<26} {s['ms_median']:7.1f} ms (batch 1, {args.imgsz} px; "
+                          f"{s['detections']} boxes kept)", flush=True)
 
-    ratios = {"train_img_per_s": train[V]["img_per_s"] / train[P]["img_per_s"],
+    img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
+    acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
+                                  for k in runs[0]["accuracy"][pipeline][side]} for side in (V, P)}
+                for pipeline in runs[0]["accuracy"]}
+    ratios = {"train_img_per_s": img_s[V] / img_s[P],
               "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
               "inference_speed_unfused": infer[f"{P} unfused (info)"]["ms_median"]
               / infer[f"{V} unfused (info)"]["ms_median"],
-              **{f"{kind}_map_minus_peer_{pipeline}": acc[pipeline][V][f"mAP50-95({x})"]
-                 - acc[pipeline][P][f"mAP50-95({x})"] for pipeline in acc for kind, x in (("box", "B"), ("mask", "M"))}}
-    print(f"vistrain / ultralytics: training {ratios['train_img_per_s']:.3f}x, inference "
-          f"{ratios['inference_speed']:.3f}x; mAP50-95 difference (val / predict pipeline) box "
+              **{f"{kind}_map_minus_peer_{pipeline}": acc_mean[pipeline][V][f"mAP50-95({x})"]
+                 - acc_mean[pipeline][P][f"mAP50-95({x})"] for pipeline in acc_mean
+                 for kind, x in (("box", "B"), ("mask", "M"))}}
+    for pipeline, sides in acc_mean.items():
+        for side, s in sides.items():
+            print(f"mean over seeds {args.seeds}, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
+                  f"{s['mAP50-95(B)']:.4f}  mask mAP50-95 {s['mAP50-95(M)']:.4f}", flush=True)
+    print(f"vistrain / ultralytics: training {ratios['train_img_per_s']:.3f}x (median img/s over seeds), inference "
+          f"{ratios['inference_speed']:.3f}x; mean mAP50-95 difference (val / predict pipeline) box "
           f"{ratios['box_map_minus_peer_val']:+.4f} / {ratios['box_map_minus_peer_predict']:+.4f}, mask "
           f"{ratios['mask_map_minus_peer_val']:+.4f} / {ratios['mask_map_minus_peer_predict']:+.4f} "
           f"(targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
     out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics (CPU)",
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "train": train, "accuracy_pycocotools": acc, "inference": infer, "ratios": ratios,
+           "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
+           "inference": infer, "ratios": ratios,
            "load_after": load1(),
            "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "ultralytics": ultralytics.__version__}}

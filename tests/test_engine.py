@@ -43,6 +43,8 @@ def test_two_epochs_loss_falls_and_run_folder_complete(colour_folder):
                 "lr/pg2", "time"]:
         assert col in r[0], col
     assert float(r[1]["train/loss"]) < float(r[0]["train/loss"])
+    lrs = [float(x["lr/pg0"]) for x in r]  # the lr each epoch trained with: linear decay to lrf 0.01
+    assert lrs[1] / lrs[0] == pytest.approx(1 - 0.5 * 0.99)
     ckpt = load_checkpoint(run / "weights/best.pt")
     assert ckpt["names"] == ["blue", "green", "red"] and ckpt["imgsz"] == 32 and ckpt["task"] == "classify"
     # a second run gets a new numbered folder
@@ -170,3 +172,47 @@ def test_non_finite_loss_skipped_then_divergence_stops_with_message(colour_folde
     monkeypatch.setattr(Trainer, "MAX_BAD_STEPS", 3)
     with pytest.raises(UserError, match="training diverged: the loss was NaN/inf for 3 batches in a row"):
         vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
+
+
+def test_channels_last_training_keeps_checkpoints_nchw(colour_folder):
+    """channels_last=true trains with NHWC weights; the checkpoint is NCHW; val agrees in both layouts."""
+    trainer = make_trainer(data=str(colour_folder), epochs=1, plots=False, **FAST)
+    layouts = []
+    trainer.add_callback("on_batch_end", lambda tr: layouts.append(
+        tr.model.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)))
+    res = trainer.train()
+    assert layouts and all(layouts)
+    ckpt = load_checkpoint(Path(res["save_dir"]) / "weights/last.pt")
+    four_d = [v for v in ckpt["model"].values() if v.ndim == 4]
+    assert four_d and all(v.is_contiguous() for v in four_d)
+    best = f"{res['save_dir']}/weights/best.pt"
+    nhwc = vistrain.val(model=best, workers=0, plots=False)
+    nchw = vistrain.val(model=best, workers=0, plots=False, channels_last=False)
+    assert nhwc["val/loss"] == pytest.approx(nchw["val/loss"], rel=1e-4)
+    assert nhwc["metrics/accuracy_top1"] == nchw["metrics/accuracy_top1"]
+
+
+def test_gradients_accumulate_across_epoch_boundaries(colour_folder):
+    """An optimizer step every `accumulate` batches of the whole run (as YOLOv5 and ultralytics): the
+    gradients of an epoch's last batches are not thrown away when the next epoch starts."""
+    calls = {"zero_grad": 0, "step": 0}
+
+    def count(tr):
+        opt = tr.optimizer
+        zero = opt.zero_grad
+
+        def counted_zero(*a, **k):
+            calls["zero_grad"] += 1
+            return zero(*a, **k)
+
+        opt.zero_grad = counted_zero
+        opt.register_step_post_hook(lambda *_: calls.__setitem__("step", calls["step"] + 1))
+
+    fast = {**FAST, "batch": 7, "nbs": 14}  # accumulate 2 batches, an odd number of batches per epoch
+    trainer = make_trainer(data=str(colour_folder), epochs=3, plots=False, **fast)
+    trainer.add_callback("on_train_start", count)
+    trainer.train()
+    nb = len(trainer.train_loader)
+    assert nb % 2 == 1, nb
+    assert calls["step"] == (3 * nb) // 2  # every second batch of the run, whatever the epoch
+    assert calls["zero_grad"] == 1 + calls["step"]

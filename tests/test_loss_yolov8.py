@@ -160,6 +160,23 @@ def _overlap_masks(t: torch.Tensor, masks: torch.Tensor, b: int) -> torch.Tensor
     return out
 
 
+def _assert_same_gradients(ours, theirs, total, ref_total):
+    """Equal loss values are not enough: a target left attached to the graph (or a detached prediction)
+    keeps the value and changes the update.  Every parameter's gradient must equal ultralytics'."""
+    total.backward()
+    ref_total.sum().backward()
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters()}
+    checked = 0
+    for n, p in ours.named_parameters():
+        if p.grad is None:
+            assert theirs_grads[n] is None or not theirs_grads[n].any(), n
+            continue
+        torch.testing.assert_close(p.grad, theirs_grads[n], rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()) + 1e-7,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+        checked += 1
+    assert checked > 100
+
+
 @pytest.fixture(scope="module")
 def ul(ultralytics_home):
     from ultralytics.nn.tasks import DetectionModel, SegmentationModel
@@ -184,6 +201,7 @@ def test_detect_loss_equals_ultralytics(ul, seed, tiny):
     ref_items = torch.stack(list(ref_items.values())) if isinstance(ref_items, dict) else ref_items
     torch.testing.assert_close(items, ref_items.float(), rtol=1e-4, atol=0)
     torch.testing.assert_close(total, ref_total.sum(), rtol=1e-4, atol=1e-5)
+    _assert_same_gradients(ours, theirs, total, ref_total)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -203,6 +221,7 @@ def test_segment_loss_equals_ultralytics(ul, overlap):
     assert items[1] > 0
     torch.testing.assert_close(items, ref_items.float(), rtol=1e-4, atol=0)
     torch.testing.assert_close(total, ref_total.sum(), rtol=1e-4, atol=1e-5)
+    _assert_same_gradients(ours, theirs, total, ref_total)
 
 
 def test_losses_fall_when_overfitting_a_small_batch():

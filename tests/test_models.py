@@ -205,3 +205,30 @@ def test_fuse_conv_bn_same_outputs(name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="eval"):
         fuse_conv_bn(build_model(name, num_classes=3))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "yolov5n", "yolov8n-seg"])
+def test_channels_last_same_outputs_and_gradients(name):
+    """NHWC weights (channels_last=true) change the kernels, not the function: outputs in eval and train
+    mode and the gradients equal the NCHW model's to rounding."""
+    import copy
+
+    from vistrain.nn.model import set_memory_format
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3)
+    nhwc = set_memory_format(copy.deepcopy(model), True)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in nhwc.parameters() if p.ndim == 4)
+    x = torch.rand(2, 3, 64, 96)
+    for train in (True, False):
+        model.train(train), nhwc.train(train)
+        ref, got = tensors(model(x)), tensors(nhwc(x))
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        if train:
+            sum(t.float().square().mean() for t in ref).backward()
+            sum(t.float().square().mean() for t in got).backward()
+            for (n, p), q in zip(model.named_parameters(), nhwc.parameters()):  # summation order differs:
+                if p.grad is not None:  # each gradient equal to 1e-3 of its norm (measured ~1e-4)
+                    assert float((q.grad - p.grad).norm()) <= 1e-3 * float(p.grad.norm()) + 1e-9, n
+    assert all(p.is_contiguous() for p in set_memory_format(nhwc, False).parameters())

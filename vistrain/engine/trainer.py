@@ -173,6 +173,9 @@ class Trainer:
                     f"classes, imgsz {cfg['imgsz']}, batch {self.batch_size} (x{self.accumulate} accumulation), "
                     f"device {self.device}\nLogging results to {self.save_dir}")
         self.run_callbacks("on_train_start")
+        # gradients accumulate across epoch boundaries (an optimizer step every `accumulate` batches of
+        # the whole run, as YOLOv5 and ultralytics do): zeroed here and after each step only
+        self.optimizer.zero_grad(set_to_none=True)
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
@@ -180,6 +183,7 @@ class Trainer:
             if hasattr(self.task, "epoch_start") and self.task.epoch_start(self):
                 self.train_loader = self.make_train_loader()
             train_losses = self.train_epoch()
+            self.epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the lrs this epoch ended with
             self.scheduler.step()
             val_model = self.ema.ema if self.ema else self.model
             metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device,
@@ -210,7 +214,6 @@ class Trainer:
         cfg, nb = self.cfg, len(self.train_loader)
         self.model.train()
         self.train_loader.generator.manual_seed(cfg["seed"] + self.epoch)  # resume reproduces the data order
-        self.optimizer.zero_grad(set_to_none=True)
         mean_loss = torch.zeros(len(self.task.loss_names))
         counted = 0  # batches in the running means (a skipped non-finite batch is not)
         train_metric_names = getattr(self.task, "train_metric_names", ())
@@ -305,7 +308,7 @@ class Trainer:
                                                             self.train_metric_means)})
         row.update({k: float(v) for k, v in metrics.results().items()})
         row.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
-        row.update({f"lr/pg{j}": g["lr"] for j, g in enumerate(self.optimizer.param_groups)})
+        row.update({f"lr/pg{j}": lr for j, lr in enumerate(self.epoch_lrs)})
         row["time"] = round(time.time() - self.t_start + self.elapsed_before, 2)
         new = not self.csv.exists()
         with open(self.csv, "a", newline="") as f:
