@@ -33,7 +33,8 @@ Two peers:
    the end of one batch to the end of the next (data wait, forward, loss, backward, optimizer step, EMA and
    everything else the trainer does per batch), stamped from a callback (vistrain: ``on_batch_end``; the
    peers: ``on_train_batch_end``), which stops the run after the timed steps, so validation and checkpointing
-   never run.  ultralytics on CPU by default forces ``workers=0`` and sets torch to ``cpu_count - 1`` threads;
+   never run.  vistrain keeps its default ``channels_last=True`` (NHWC convolutions; the peers train NCHW).
+   ultralytics on CPU by default forces ``workers=0`` and sets torch to ``cpu_count - 1`` threads;
    the benchmark undoes both (a Trainer subclass restores ``workers``, an ``on_train_start`` callback the
    thread count) so every side runs with the same threads and workers.  ``--peer-defaults`` adds a line with
    ultralytics as shipped on CPU (for information; not in the ratio).  5 runs per side, rotated (A B C,

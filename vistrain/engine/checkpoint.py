@@ -2,7 +2,8 @@
 
 A vistrain checkpoint is a ``torch.save`` of plain types and tensors only, read back with
 ``torch.load(weights_only=True)``: ``model`` (fp32 state_dict used for inference: the EMA when
-there is one), ``train_model`` (the raw weights, for resume), ``optimizer``, ``ema_updates``,
+there is one), ``train_model`` (the raw weights, for resume), ``optimizer``, ``grads`` (gradients accumulated
+for the next optimizer step, for resume), ``ema_updates``,
 ``epoch``, ``best_fitness``, ``model_yaml`` (enough to rebuild the model), ``names``, ``imgsz``,
 ``task``, ``train_args`` and ``version``.  Files are written to a temp file then renamed, so an
 interrupted save never leaves a broken ``last.pt``.

@@ -174,8 +174,10 @@ class Trainer:
                     f"device {self.device}\nLogging results to {self.save_dir}")
         self.run_callbacks("on_train_start")
         # gradients accumulate across epoch boundaries (an optimizer step every `accumulate` batches of
-        # the whole run, as YOLOv5 and ultralytics do): zeroed here and after each step only
-        self.optimizer.zero_grad(set_to_none=True)
+        # the whole run, as YOLOv5 and ultralytics do): zeroed here (unless resumed with pending ones, which
+        # the checkpoint carries) and after each step only
+        if not getattr(self, "resumed_grads", False):
+            self.optimizer.zero_grad(set_to_none=True)
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
@@ -337,6 +339,9 @@ class Trainer:
                       for k, v in infer.state_dict().items()},  # NCHW on disk, whatever the training layout
             "train_model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             "ema_updates": self.ema.updates if self.ema else 0, "last_opt_step": self.last_opt_step,
+            # gradients of batches waiting for the next optimizer step (accumulation spans epochs)
+            "grads": {k: p.grad.detach().cpu().contiguous() for k, p in model.named_parameters()
+                      if p.grad is not None},
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "model_yaml": model.yaml, "task": self.task.name, "names": list(self.names),
             "imgsz": self.cfg["imgsz"], "train_args": public_args(self.cfg),
@@ -362,6 +367,10 @@ class Trainer:
             self.ema.updates = int(ckpt.get("ema_updates", 0))
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.resume_last_opt_step = int(ckpt.get("last_opt_step", -1))
+        params = dict(self.model.named_parameters())
+        for k, g in (ckpt.get("grads") or {}).items():
+            params[k].grad = torch.empty_like(params[k]).copy_(g)  # in the parameter's memory layout
+        self.resumed_grads = bool(ckpt.get("grads"))
         self.best_fitness, self.best_epoch = ckpt.get("best_fitness"), int(ckpt.get("best_epoch", -1))
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"])
