@@ -304,6 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--show-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: 60 images, 1 epoch, 128 px, 10 rounds")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--extend", action="store_true",
+                   help="add the runs of --seeds to those already in --out (same settings, other seeds, training "
+                        "code unchanged since): accuracy becomes the mean over all seeds; inference is kept")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.imgsz, args.infer_rounds, args.seeds = 60, 1, 128, 10, args.seeds[:1]
@@ -311,8 +314,53 @@ def parse_args(argv=None):
     return args
 
 
+SAME_SETTINGS = ("n", "epochs", "imgsz", "batch", "workers", "threads")
+TRAINING_CODE = ("vistrain",)  # what a run's accuracy and speed depend on, on our side
+
+
+def _git(*cmd: str) -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def code_version() -> dict:
+    """The commit measured, and whether the training code differed from it (uncommitted changes)."""
+    return {"commit": _git("rev-parse", "HEAD"),
+            "training_code_dirty": bool(_git("status", "--porcelain", "--", *TRAINING_CODE))}
+
+
+def previous_runs(args) -> dict | None:
+    """With ``--extend``: the earlier result file, checked to be comparable with this invocation (else exit)."""
+    if not args.extend:
+        return None
+    if not args.out.exists():
+        raise SystemExit(f"--extend: {args.out} does not exist; run without --extend first")
+    old = json.loads(args.out.read_text())
+    diff = {k: (old["settings"].get(k), getattr(args, k)) for k in SAME_SETTINGS
+            if old["settings"].get(k) != getattr(args, k)}
+    if diff:
+        raise SystemExit(f"--extend: settings differ from {args.out} (old, new): {diff}")
+    clash = sorted({r["seed"] for r in old["runs"]} & set(args.seeds))
+    if clash:
+        raise SystemExit(f"--extend: seeds {clash} are already in {args.out}; give other --seeds")
+    if code_version()["training_code_dirty"] or any(c.get("training_code_dirty") for c in old.get("code", [])):
+        raise SystemExit("--extend: uncommitted changes in vistrain/ (now or when the earlier runs were made); "
+                         "commit them and run all seeds without --extend")
+    for was in old.get("code", []):
+        changed = _git("diff", "--stat", was["commit"], "HEAD", "--", *TRAINING_CODE) if was.get("commit") else "?"
+        if changed:  # shown and stored: a reader decides whether the change can affect training
+            print(f"--extend: vistrain/ changed since {str(was.get('commit'))[:10]} (seeds {was.get('seeds')}):\n"
+                  f"{changed}", flush=True)
+            was["changed_since"] = changed
+    return old
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    old = previous_runs(args)
     with tempfile.TemporaryDirectory(prefix="vistrain-bench-seg-") as tmp:
         tmp = Path(tmp)
         os.environ["YOLO_OFFLINE"] = "1"
@@ -334,6 +382,7 @@ def main(argv=None) -> int:
         print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
 
         runs = []  # per seed: {"seed", "train": {side: ...}, "accuracy": {pipeline: {side: ...}}}
+        infer = old["inference"] if old else None
         for seed in args.seeds:
             args.seed = seed
             best, train = {}, {}
@@ -352,12 +401,15 @@ def main(argv=None) -> int:
                           f"{s['mAP50-95(B)']:.4f} (mAP50 {s['mAP50(B)']:.4f})  mask mAP50-95 {s['mAP50-95(M)']:.4f} "
                           f"(mAP50 {s['mAP50(M)']:.4f})", flush=True)
             runs.append({"seed": seed, "train": train, "accuracy": acc})
-            if seed == args.seeds[0]:
+            if infer is None:
                 infer = inference(best, root, args)
                 for side, s in infer.items():
                     print(f"  inference {side:<26} {s['ms_median']:7.1f} ms (batch 1, {args.imgsz} px; "
                           f"{s['detections']} boxes kept)", flush=True)
 
+    if old:
+        runs = old["runs"] + runs
+    seeds = [r["seed"] for r in runs]
     img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
     acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
                                   for k in runs[0]["accuracy"][pipeline][side]} for side in (V, P)}
@@ -371,15 +423,18 @@ def main(argv=None) -> int:
                  for kind, x in (("box", "B"), ("mask", "M"))}}
     for pipeline, sides in acc_mean.items():
         for side, s in sides.items():
-            print(f"mean over seeds {args.seeds}, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
+            print(f"mean over seeds {seeds}, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
                   f"{s['mAP50-95(B)']:.4f}  mask mAP50-95 {s['mAP50-95(M)']:.4f}", flush=True)
     print(f"vistrain / ultralytics: training {ratios['train_img_per_s']:.3f}x (median img/s over seeds), inference "
           f"{ratios['inference_speed']:.3f}x; mean mAP50-95 difference (val / predict pipeline) box "
           f"{ratios['box_map_minus_peer_val']:+.4f} / {ratios['box_map_minus_peer_predict']:+.4f}, mask "
           f"{ratios['mask_map_minus_peer_val']:+.4f} / {ratios['mask_map_minus_peer_predict']:+.4f} "
           f"(targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["seeds"] = seeds
     out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics (CPU)",
-           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "settings": settings, "code": (old.get("code", [{"commit": None, "seeds": old["settings"]["seeds"]}])
+                                          if old else []) + [{**code_version(), "seeds": args.seeds}],
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
            "inference": infer, "ratios": ratios,
            "load_after": load1(),
