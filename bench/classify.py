@@ -42,14 +42,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 import torch
 import torchvision
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import StepClock, cpu_name, keep_freed_memory, load1, wait_for_idle, wait_for_quiet  # noqa: E402
 
 NUM_CLASSES = 4
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.937, 5e-4
@@ -59,164 +57,6 @@ QUICK_RESULTS = RESULTS.with_name("classify-quick.json")  # smoke runs never ove
 
 class _StopRun(Exception):
     """Raised from vistrain's on_batch_end callback once the timed steps are done."""
-
-
-# ---------------------------------------------------------------------------------------------- machine
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def wait_for_quiet(max_load: float, max_wait: float, poll: float = 30.0) -> tuple[float, float]:
-    """Poll the 1-minute load average until it is below ``max_load``; returns (load, seconds waited)."""
-    t0 = time.time()
-    while True:
-        load = load1()
-        waited = time.time() - t0
-        if load < max_load or waited >= max_wait:
-            if load >= max_load:
-                print(f"load average still {load:.2f} after {waited:.0f} s; measuring anyway", flush=True)
-            return load, waited
-        print(f"load average {load:.2f} >= {max_load}: waiting ({waited:.0f}/{max_wait:.0f} s)", flush=True)
-        time.sleep(min(poll, max(max_wait - waited, 1.0)))
-
-
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_times(pid: int | str) -> tuple[int, int]:
-    """(ppid, utime + stime in clock ticks) of a process, from /proc/PID/stat."""
-    st = Path(f"/proc/{pid}/stat").read_text()
-    rest = st[st.rfind(")") + 2:].split()  # the fields after "pid (comm)"
-    return int(rest[1]), int(rest[11]) + int(rest[12])
-
-
-def _machine_busy() -> int:
-    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(vals) - vals[3] - vals[4]  # all but idle and iowait, clock ticks
-
-
-def keep_freed_memory() -> None:
-    """glibc: serve every allocation from the heap and never give freed memory back to the OS.
-
-    By default glibc maps allocations above 32 MiB (and, depending on its history, smaller ones)
-    with mmap and unmaps them on free, so each training step page-faults its large activation
-    buffers in again (hundreds of thousands of faults per ResNet-50 step here).  How many depends on
-    the allocator's history, which makes step times of otherwise identical loops differ by 10%+.
-    """
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    if not ok:
-        raise SystemExit("--malloc-keep: mallopt failed (glibc only)")
-
-
-class CpuMonitor:
-    """How much CPU processes other than this one and its children (dataloader workers) take.
-
-    ``start()`` scans /proc once for our children; ``share()`` then reads only /proc/stat and our own
-    processes (a fraction of a millisecond) and returns the average share of all CPUs that other
-    processes used since ``start()``.  Linux only; elsewhere ``share()`` is None.
-    """
-
-    def start(self) -> None:
-        try:
-            me = os.getpid()
-            self.pids = [me]
-            for d in Path("/proc").iterdir():
-                if d.name.isdigit() and int(d.name) != me:
-                    try:
-                        if _proc_times(d.name)[0] == me:
-                            self.pids.append(int(d.name))
-                    except (OSError, ValueError, IndexError):
-                        continue
-            self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy(), self._own()
-        except (OSError, ValueError, IndexError):
-            self.t0 = None
-
-    def _own(self) -> int:
-        total = 0
-        for pid in self.pids:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += _proc_times(pid)[1]
-        return total
-
-    def share(self) -> float | None:
-        if getattr(self, "t0", None) is None:
-            return None
-        try:
-            other = (_machine_busy() - self.busy0) - (self._own() - self.own0)
-        except (OSError, ValueError, IndexError):
-            return None
-        seconds = time.perf_counter() - self.t0
-        return max(other / _CLK, 0.0) / max(seconds, 1e-9) / (os.cpu_count() or 1)
-
-
-def wait_for_idle(max_other: float, max_wait: float, window: float = 10.0) -> None:
-    """Wait until other processes use less than ``max_other`` of the CPUs over a ``window``-second
-    sample (used before retrying a spoilt run: the load average would still count our own run)."""
-    t0 = time.time()
-    while True:
-        mon = CpuMonitor()
-        mon.start()
-        time.sleep(window)
-        share = mon.share()
-        waited = time.time() - t0
-        if share is None or share < max_other or waited >= max_wait:
-            return
-        print(f"other processes use {100 * share:.0f}% of the CPUs: waiting ({waited:.0f}/{max_wait:.0f} s)",
-              flush=True)
-
-
-class StepClock:
-    """Stamps the end of every step; tells the loop when the run is complete or spoilt by other load.
-
-    The timed window starts at the end of warm-up step ``warmup``.  After a few timed steps, a run in
-    which other processes took more than ``max_other`` of the CPUs is abandoned (when ``may_abort``),
-    so that a busy machine costs a retry rather than a whole slow run.
-    """
-
-    def __init__(self, args, may_abort: bool):
-        self.warmup, self.need = args.warmup, args.warmup + args.steps
-        self.max_other, self.may_abort = args.max_other, may_abort
-        self.stamps: list[float] = []
-        self.cpu = CpuMonitor()
-        self.other: float | None = None
-        self.abandoned = False
-
-    def step_end(self) -> bool:
-        """Call at the end of each step; True when the loop should stop."""
-        n = len(self.stamps) + 1
-        if n == self.warmup:
-            self.cpu.start()  # the /proc scan happens before the window opens
-            self.ru0 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
-        self.stamps.append(time.perf_counter())
-        if n <= self.warmup:
-            return False
-        self.ru1 = resource.getrusage(resource.RUSAGE_SELF) if resource else None
-        self.other = self.cpu.share()  # after the stamp: its cost falls on the next step, if any
-        if n >= self.need:
-            return True
-        if self.may_abort and n - self.warmup >= 3 and self.other is not None and self.other > self.max_other:
-            self.abandoned = True
-            return True
-        return False
-
-    def result(self, batch: int) -> dict:
-        """Throughput over the timed steps (from the end of the last warm-up step to the last stamp)."""
-        timed = len(self.stamps) - self.warmup
-        t0, t1 = self.stamps[self.warmup - 1], self.stamps[-1]
-        steps = np.diff(self.stamps[self.warmup - 1:])
-        ru = {}
-        if getattr(self, "ru0", None) and getattr(self, "ru1", None):  # the main process only, not workers
-            ru = {"main_user_s_per_step": (self.ru1.ru_utime - self.ru0.ru_utime) / timed,
-                  "main_sys_s_per_step": (self.ru1.ru_stime - self.ru0.ru_stime) / timed,
-                  "main_page_faults_per_step": (self.ru1.ru_minflt - self.ru0.ru_minflt) / timed}
-        return {"img_per_s": timed * batch / (t1 - t0), "timed_steps": timed, "seconds": t1 - t0,
-                "step_s_median": float(np.median(steps)), "step_s_max": float(steps.max()), **ru,
-                "other_cpu_share": self.other, "abandoned": self.abandoned}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -435,7 +275,7 @@ def main(argv=None) -> int:
         "load_average_1min": {"before": load_before, "after": load_after, "waited_s": waited},
         "machine": {
             "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "torch_threads": threads, "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
+            "torch_threads": threads, "cpu_count": os.cpu_count(), "cpu": cpu_name(),
             "platform": platform.platform(),
         },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -446,16 +286,6 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"results written to {args.out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -71,17 +71,14 @@ so no side can download fonts, weights or data, or call home.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -94,7 +91,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify import CpuMonitor, StepClock, _cpu_name, load1, wait_for_idle, wait_for_quiet  # noqa: E402
+from common import (CpuMonitor, StepClock, block_internet, cpu_name, load1, quiet, wait_for_idle,  # noqa: E402
+                    wait_for_quiet)
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.937, 5e-4
 CONF, IOU, MAX_DET = 0.25, 0.45, 300
@@ -112,33 +110,6 @@ YOLOV5_NO_ACCUMULATE_STEPS = 16
 
 class _StopRun(Exception):
     """Raised from a batch-end callback once the timed steps are done."""
-
-
-# ---------------------------------------------------------------------------------------------- offline
-def block_internet() -> None:
-    """Refuse internet connections and DNS look-ups in this process (and its forked dataloader workers).
-
-    Unix-domain sockets stay usable: torch's dataloader passes tensors' file descriptors over them.
-    """
-    inet = (socket.AF_INET, socket.AF_INET6)
-    orig_connect, orig_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def refuse(*_a, **_k):
-        raise OSError("bench/detect.py: network access is blocked")
-
-    def connect(self, address):
-        if self.family in inet:
-            refuse()
-        return orig_connect(self, address)
-
-    def connect_ex(self, address):
-        if self.family in inet:
-            refuse()
-        return orig_connect_ex(self, address)
-
-    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
-    socket.getaddrinfo = refuse
-    socket.gethostbyname = refuse
 
 
 def import_yolov5():
@@ -191,7 +162,7 @@ def n_params(model: torch.nn.Module) -> int:
 def yolov5_model(nc: int = 80):
     from yolov5.models.yolo import Model
 
-    with _quiet(False):
+    with quiet(False):
         return Model(str(Path(YOLOV5.__file__).parent / "models" / "yolov5s.yaml"), ch=3, nc=nc)
 
 
@@ -246,22 +217,6 @@ def peer_overrides(data_yaml: Path, project: Path, args) -> dict:
     )
 
 
-def _quiet(show: bool):
-    """Silence progress bars and INFO logs of every framework unless ``--show-progress``."""
-    if show:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    sink = stack.enter_context(open(os.devnull, "w"))
-    stack.enter_context(contextlib.redirect_stderr(sink))
-    stack.enter_context(contextlib.redirect_stdout(sink))
-    loggers = [logging.getLogger(n) for n in ("vistrain", "ultralytics", "yolov5")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    stack.callback(lambda: [lg.setLevel(lv) for lg, lv in zip(loggers, levels)])
-    return stack
-
-
 def run_vistrain(data_yaml: Path, project: Path, args, may_abort: bool) -> dict:
     from vistrain.engine.trainer import Trainer
 
@@ -278,7 +233,7 @@ def run_vistrain(data_yaml: Path, project: Path, args, may_abort: bool) -> dict:
 
     trainer.add_callback("on_batch_end", on_batch_end)
     try:
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             trainer.train()
     except _StopRun:
         pass
@@ -324,7 +279,7 @@ def run_peer(data_yaml: Path, project: Path, args, may_abort: bool, shipped: boo
     if shipped:
         overrides["name"] += "-shipped"
     try:
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             model.train(trainer=BenchTrainer, **overrides)
     except _StopRun:
         pass
@@ -378,7 +333,7 @@ def run_yolov5(data_yaml: Path, project: Path, args, may_abort: bool) -> dict:
             callbacks.stop_training = True  # train() returns right after this callback
 
     callbacks.register_action("on_train_batch_end", callback=on_batch_end)
-    with _quiet(args.show_progress), warnings.catch_warnings():
+    with quiet(args.show_progress), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.* deprecations, once per batch
         YOLOV5.train(yolov5_hyp(), opt, torch.device("cpu"), callbacks)
     if len(clock.stamps) <= args.warmup:
@@ -650,7 +605,7 @@ def bench_data(data_yaml: Path, tmp: Path, args) -> dict:
     from vistrain.tasks.detect import DetectTask
 
     datasets = {}
-    with _quiet(args.show_progress):
+    with quiet(args.show_progress):
         datasets[V] = DetectTask().build_data(vistrain_cfg(data_yaml, tmp / "runs", args)).train
         if YOLOV5 is not None:
             from yolov5.utils.dataloaders import LoadImagesAndLabels
@@ -785,11 +740,11 @@ def main(argv=None) -> int:
         os.environ["YOLOV5_CONFIG_DIR"] = str(tmp / "yolov5-config")
         os.environ["VISTRAIN_CACHE"] = str(tmp / "vistrain-cache")
         block_internet()
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             import ultralytics
         yolov5_note = "not requested (--no-yolov5)"
         if args.yolov5:
-            with _quiet(args.show_progress):
+            with quiet(args.show_progress):
                 YOLOV5, why = import_yolov5()
             yolov5_note = (f"yolov5 {importlib.metadata.version('yolov5')}" if YOLOV5 is not None
                            else f"not importable, left out: {why}")
@@ -919,7 +874,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "torchvision": torchvision.__version__, "ultralytics": ultralytics.__version__,
             "yolov5": yolov5_note, "opencv": cv2.__version__, "python": platform.python_version(),
             "torch_threads": args.threads, "cv2_threads_after_peer_imports": cv2.getNumThreads(),
-            "cpu_count": os.cpu_count(), "cpu": _cpu_name(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "cpu": cpu_name(), "platform": platform.platform(),
         },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -55,8 +55,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from classify import CpuMonitor, _cpu_name, load1, wait_for_quiet  # noqa: E402
-from detect import _quiet, block_internet  # noqa: E402
+from common import CpuMonitor, block_internet, cpu_name, load1, quiet, wait_for_quiet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "segment.json"
 QUICK_RESULTS = RESULTS.with_name("segment-quick.json")
@@ -102,7 +101,7 @@ def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
     clock = EpochClock()
     trainer.add_callback("on_epoch_start", clock.epoch_start)
     trainer.add_callback("on_batch_end", clock.batch_end)
-    with _quiet(args.show_progress):
+    with quiet(args.show_progress):
         res = trainer.train()
     return Path(res["save_dir"]) / "weights" / "best.pt", {"clock": clock, "own": {
         k: float(v) for k, v in res.items() if k.startswith("metrics/")}}
@@ -130,7 +129,7 @@ def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]
     model.add_callback("on_train_epoch_start", clock.epoch_start)
     model.add_callback("on_train_batch_end", clock.batch_end)
     torch.set_num_threads(args.threads)
-    with _quiet(args.show_progress):
+    with quiet(args.show_progress):
         model.train(trainer=BenchTrainer, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
                     batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
                     project=str(project), name="ultralytics", exist_ok=True, pretrained=False, plots=False,
@@ -199,7 +198,7 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
     data_yaml = str(data_root / "segment" / "data.yaml")
     scores: dict[str, dict] = {"val": {}, "predict": {}}
     for side, (v_pt, model) in weights.items():
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             res = vistrain.val(model=str(v_pt), data=data_yaml, save_json=True, conf=0.001, iou=IOU,
                                imgsz=args.imgsz, batch=args.batch, workers=args.workers, project=str(project),
                                name=f"val-{side}", exist_ok=True)
@@ -208,7 +207,7 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
         scores["val"][side] = cocoeval(annotations, json.loads((out_dir / "predictions.json").read_text()))
 
         preds = []
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             for im in json.loads(annotations.read_text())["images"]:
                 r = model.predict(im["file_name"], conf=0.001, iou=IOU, imgsz=args.imgsz, max_det=MAX_DET,
                                   retina_masks=True, verbose=False, device="cpu")[0]
@@ -367,7 +366,7 @@ def main(argv=None) -> int:
         os.environ["YOLO_CONFIG_DIR"] = str(tmp / "ultralytics-config")
         os.environ["VISTRAIN_CACHE"] = str(tmp / "vistrain-cache")
         block_internet()
-        with _quiet(args.show_progress):
+        with quiet(args.show_progress):
             import ultralytics
         from vistrain.data.synthetic import make_dataset, split_layout
 
@@ -438,7 +437,7 @@ def main(argv=None) -> int:
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
            "inference": infer, "ratios": ratios,
            "load_after": load1(),
-           "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+           "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "ultralytics": ultralytics.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
