@@ -293,6 +293,20 @@ def test_box_candidates_rule():
     assert A.box_candidates(before, after, area_thr=0.0).tolist()[4]  # aspect 85 < 100
 
 
+def test_random_perspective_area_rule_polygons_1_percent_boxes_10_percent():
+    """As ultralytics (and YOLOv5-seg): an object whose box is refit to its visible polygon stays down to 1% of
+    its area, a box-only object (its box the loose hull of moved corners) down to 10%."""
+    img = np.zeros((100, 100, 3), np.uint8)
+    square = np.array([[-37, 30], [3, 30], [3, 70], [-37, 70]], np.float32)  # 3 of its 40 px columns visible: 7.5%
+    inst = A.Instances(np.array([0, 1]), np.array([[-37, 30, 3, 70]] * 2, np.float32), [square, np.zeros((0, 2))])
+    _, kept = A.random_perspective(img, inst, np.random.default_rng(0), translate=0, scale=0)
+    assert kept.cls.tolist() == [0] and np.allclose(kept.boxes, [[0, 30, 3, 70]])
+    _, both = A.random_perspective(img, inst, np.random.default_rng(0), translate=0, scale=0, area_thr=0.05)
+    assert both.cls.tolist() == [0, 1]
+    _, none = A.random_perspective(img, inst, np.random.default_rng(0), translate=0, scale=0, area_thr=0.1)
+    assert none.cls.tolist() == []
+
+
 def test_clip_polygon_area():
     def area(p):
         return 0.5 * abs(np.dot(p[:, 0], np.roll(p[:, 1], 1)) - np.dot(p[:, 1], np.roll(p[:, 0], 1)))

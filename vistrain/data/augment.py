@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 PAD_VALUE = 114
+POLYGON_AREA_THR, BOX_AREA_THR = 0.01, 0.1  # random_perspective keeps objects down to this share of their area
 PAD_COLOR = (PAD_VALUE, PAD_VALUE, PAD_VALUE)
 
 
@@ -312,13 +313,14 @@ def _random_matrix(rng: np.random.Generator, in_shape: tuple[int, int], out_shap
 
 
 def box_candidates(before: np.ndarray, after: np.ndarray, wh_thr: float = 2.0, ar_thr: float = 100.0,
-                   area_thr: float = 0.1, eps: float = 1e-16) -> np.ndarray:
+                   area_thr: float | np.ndarray = 0.1, eps: float = 1e-16) -> np.ndarray:
     """Which transformed boxes to keep -> ``ndarray[N]`` bool.
 
     before (ndarray[N, 4]): xyxy before the transform, already multiplied by its scale gain.
     after (ndarray[N, 4]): xyxy after the transform and clipping.
     Keep a box whose width and height exceed ``wh_thr`` pixels, whose area is more than ``area_thr``
-    of the scaled area before (so mostly cut-off objects go) and whose aspect ratio is below ``ar_thr``.
+    (one number, or one per row) of the scaled area before (so mostly cut-off objects go) and whose
+    aspect ratio is below ``ar_thr``.
     """
     w1, h1 = before[:, 2] - before[:, 0], before[:, 3] - before[:, 1]
     w2, h2 = after[:, 2] - after[:, 0], after[:, 3] - after[:, 1]
@@ -344,13 +346,16 @@ def warp_image(img: np.ndarray, matrix: np.ndarray, width: int, height: int) -> 
 def random_perspective(img: np.ndarray, inst: Instances, rng: np.random.Generator, degrees: float = 0.0,
                        translate: float = 0.1, scale: float = 0.5, shear: float = 0.0, perspective: float = 0.0,
                        border: tuple[int, int] = (0, 0), out_size: int | tuple[int, int] | None = None,
-                       area_thr: float = 0.1) -> tuple[np.ndarray, Instances]:
+                       area_thr: float | None = None) -> tuple[np.ndarray, Instances]:
     """Random rotation (+/- ``degrees``), scale (gain in 1 +/- ``scale``), shear (+/- ``shear`` degrees),
     perspective (+/- ``perspective``, keep <= 0.001) and translation (+/- ``translate`` of the output size).
 
     The output is ``out_size`` (h, w) or, by default, the input size plus ``2 * border`` (rows, cols):
     ``border=(-imgsz // 2, -imgsz // 2)`` crops a 2*imgsz mosaic to imgsz.  Labels move with the pixels;
-    rows failing :func:`box_candidates` (tiny, mostly cut off, or too thin) are dropped.
+    rows failing :func:`box_candidates` (tiny, mostly cut off, or too thin) are dropped.  ``area_thr`` (the
+    visible share of the scaled object below which it is dropped) defaults, as in ultralytics and YOLOv5-seg, to
+    1% for a row with a polygon, whose box is refit to the polygon's visible part, and 10% for a box-only row,
+    whose box is the loose box of its transformed corners.
     Returns (image ``ndarray[oh, ow, 3]`` uint8, labels).
     """
     h, w = img.shape[:2]
@@ -360,6 +365,9 @@ def random_perspective(img: np.ndarray, inst: Instances, rng: np.random.Generato
     matrix, gain = _random_matrix(rng, (h, w), (oh, ow), degrees, translate, scale, shear, perspective)
     out = warp_image(img, matrix, ow, oh)
     moved = transform_instances(inst, matrix, ow, oh)
+    if area_thr is None:
+        polygon = [len(s) > 0 for s in inst.segments] if inst.segments else [False] * len(inst)
+        area_thr = np.where(np.asarray(polygon, dtype=bool), POLYGON_AREA_THR, BOX_AREA_THR)
     keep = box_candidates(inst.boxes * gain, moved.boxes, area_thr=area_thr)
     return out, moved.select(keep)
 
