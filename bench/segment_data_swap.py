@@ -1,0 +1,114 @@
+"""Diagnosis, not a benchmark: vistrain's Trainer fed with ultralytics' training batches.
+
+``bench/segment.py`` compares whole pipelines.  When their accuracy differs, this script tells the data
+side from the training side: it trains yolov8n-seg with vistrain's Trainer (model, loss, optimizer,
+schedule, EMA, validation: all vistrain) on batches made by ultralytics' own segment dataset and
+dataloader (mosaic closed, as both sides run in bench/segment.py's 10-epoch setting), and prints
+vistrain's validation mAP50-95 (box, mask) for each seed, next to the same run on vistrain's batches.
+
+    .venv/bin/python bench/segment_data_swap.py --seeds 0,3       # ~8 min per seed and pipeline, 2 cores
+    .venv/bin/python bench/segment_data_swap.py --quick            # smoke run (60 images, 1 epoch, 128 px)
+
+A first use (2026-11-23, 320 px, 10 epochs, before the 1% area rule of random_perspective): box mAP50-95
+with ultralytics' batches 0.0547 / 0.0360 at seeds 0 / 3, with vistrain's 0.0322 / 0.0197, ultralytics'
+own trainer 0.0435 / 0.0447 (that run fed channels in BGR order, which ultralytics' batches are not:
+they are RGB).  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import block_internet, quiet  # noqa: E402
+
+
+class UltralyticsBatches:
+    """ultralytics' dataloader, its batches in vistrain's format (``targets`` = index, class, cx cy w h)."""
+
+    def __init__(self, loader):
+        self.loader, self.batch_size, self.generator = loader, loader.batch_size, torch.Generator()
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for b in self.loader:
+            n = len(b["img"])
+            targets = torch.cat((b["batch_idx"][:, None].float(), b["cls"].view(-1, 1).float(), b["bboxes"].float()), 1)
+            yield {"img": b["img"], "targets": targets, "masks": b["masks"], "im_file": list(b["im_file"]),
+                   "ori_shape": [tuple(s) for s in b["ori_shape"]], "ratio_pad": [((1.0, 1.0), (0.0, 0.0))] * n,
+                   "ori_labels": [None] * n}
+
+
+def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict:
+    from vistrain.config import get_config
+    from vistrain.engine.trainer import Trainer
+
+    class SwapTrainer(Trainer):
+        def make_train_loader(self):
+            if batches != "ultralytics":
+                return super().make_train_loader()
+            from ultralytics.cfg import get_cfg
+            from ultralytics.data.build import build_dataloader, build_yolo_dataset
+            from ultralytics.data.utils import check_det_dataset
+
+            cfg = get_cfg(overrides=dict(task="segment", imgsz=self.cfg["imgsz"], batch=self.cfg["batch"], seed=seed))
+            data = check_det_dataset(str(data_yaml))
+            ds = build_yolo_dataset(cfg, data["train"], self.cfg["batch"], data, mode="train", stride=32)
+            if args.epochs <= 10:  # close_mosaic 10: ultralytics trains these runs without mosaic
+                ds.close_mosaic(cfg)
+            torch.manual_seed(seed)
+            return UltralyticsBatches(build_dataloader(ds, self.cfg["batch"], self.cfg["workers"], shuffle=True,
+                                                       device="cpu"))
+
+    overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
+                     workers=args.workers, device="cpu", seed=seed, deterministic=False, project=str(project),
+                     name=f"{batches}-seed{seed}", exist_ok=True, plots=False)
+    cfg = get_config(overrides)
+    cfg["_user_keys"] = sorted(overrides)
+    torch.set_num_threads(args.threads)
+    with quiet(args.show_progress):
+        res = SwapTrainer(cfg).train()
+    return {k: float(v) for k, v in res.items() if "mAP50-95" in k}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0])
+    p.add_argument("--show-progress", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.epochs, args.imgsz, args.seeds = 60, 1, 128, args.seeds[:1]
+    with tempfile.TemporaryDirectory(prefix="vistrain-swap-") as tmp:
+        tmp = Path(tmp)
+        os.environ.update(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(tmp / "ultralytics-config"),
+                          VISTRAIN_CACHE=str(tmp / "vistrain-cache"))
+        block_internet()
+        from vistrain.data.synthetic import make_dataset
+
+        root = make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0)
+        for seed in args.seeds:
+            for batches in ("ultralytics", "vistrain"):
+                res = train(root / "segment" / "data.yaml", seed, batches, tmp / "runs", args)
+                print(f"seed {seed}: vistrain trainer on {batches:<11} batches: " + json.dumps(
+                    {k.split("/")[-1]: round(v, 4) for k, v in res.items()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
