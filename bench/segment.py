@@ -304,8 +304,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 60 images, 1 epoch, 128 px, 10 rounds")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--extend", action="store_true",
-                   help="add the runs of --seeds to those already in --out (same settings, other seeds, training "
-                        "code unchanged since): accuracy becomes the mean over all seeds; inference is kept")
+                   help="add the runs of --seeds to those already in --out (same settings, other seeds, no uncommitted "
+                        "vistrain/ changes; changes since are printed and stored): accuracy and speed are then "
+                        "over all seeds; inference is kept")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.imgsz, args.infer_rounds, args.seeds = 60, 1, 128, 10, args.seeds[:1]
