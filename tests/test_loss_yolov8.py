@@ -42,7 +42,11 @@ def test_pad_targets_slots_in_row_order():
 
 
 def brute_force_assign(scores, boxes, points, gt_cls, gt_boxes, gt_valid, topk, alpha, beta, min_side, eps=1e-9):
-    """The task-aligned assignment written out with loops over images, ground truths and anchor points."""
+    """The task-aligned assignment written out with loops over images, ground truths and anchor points.
+
+    A ground truth's positives are its candidates among its ``topk`` highest metrics; candidates of metric 0
+    are left out here (which of them ultralytics' torch.topk call takes among the tied zeros is its
+    tie-break's business: ``test_assigner_equals_ultralytics_on_ties`` checks that case against ultralytics)."""
     b, n, c = scores.shape
     m = gt_boxes.shape[1]
     fg = torch.zeros(b, n, dtype=torch.bool)
@@ -65,7 +69,7 @@ def brute_force_assign(scores, boxes, points, gt_cls, gt_boxes, gt_valid, topk, 
                     u = max(float(ciou_xyxy(boxes[i, a][None], gt_boxes[i, g][None])), 0.0)
                     s = float(scores[i, a, int(gt_cls[i, g])])
                     overlap[g][a], metric[g][a] = u, s ** alpha * u ** beta
-            ranked = sorted((a for a in range(n) if cand[g][a]), key=lambda a: -metric[g][a])
+            ranked = sorted((a for a in range(n) if cand[g][a] and metric[g][a] > 0), key=lambda a: -metric[g][a])
             for a in ranked[:topk]:
                 pos[g][a] = True
         for a in range(n):
@@ -73,7 +77,7 @@ def brute_force_assign(scores, boxes, points, gt_cls, gt_boxes, gt_valid, topk, 
             if len(claims) > 1:  # keep the ground truth with the highest overlap (over all of them)
                 best = max(range(m), key=lambda g: (overlap[g][a], -g))
                 for g in range(m):
-                    pos[g][a] = g == best and cand[g][a]
+                    pos[g][a] = g == best
         for g in range(m):
             mets = [metric[g][a] for a in range(n) if pos[g][a]]
             ovs = [overlap[g][a] for a in range(n) if pos[g][a]]
@@ -108,11 +112,52 @@ def test_assigner_equals_brute_force(seed, min_side):
     fg, gt_index, target_scores = brute_force_assign(scores, boxes, points, gt_cls, gt_boxes, gt_valid,
                                                      5, 0.5, 6.0, min_side)
     assert a.fg.sum() > 8  # the case is not trivial
-    assert torch.equal(a.fg, fg)
+    # every brute-force positive is one; beyond them only metric-0 candidates that torch.topk's tie-break
+    # took (no box or class weight: their soft class target is 0)
+    assert not (fg & ~a.fg).any()
+    assert not a.scores[a.fg & ~fg].any()
     assert torch.equal(a.gt_index[fg], gt_index[fg])
     torch.testing.assert_close(a.scores, target_scores, rtol=1e-5, atol=1e-7)
     assert torch.equal(a.boxes[fg], gt_boxes.gather(1, gt_index[..., None].expand(-1, -1, 4))[fg])
     assert not a.scores[~a.fg].any()
+
+
+def test_assigner_equals_ultralytics_on_ties(ul_tal):
+    """Early in training many candidates have metric 0 (their predicted box's CIoU with the ground truth is
+    clamped at 0), so a small object has fewer than topk candidates above 0; which metric-0 candidates then
+    fill its top k is torch.topk's tie-break, and an anchor point claimed by two ground truths that it overlaps
+    by 0 goes to the first ground truth.  Both must be ultralytics' choices: such positives carry no box or
+    class weight but count fully in the mask loss (and in its normaliser)."""
+    g = torch.Generator().manual_seed(0)
+    b, c, m, imgsz = 4, 3, 6, 96
+    strides = (8, 16, 32)
+    pts = [((x + 0.5) * s, (y + 0.5) * s) for s in strides for y in range(imgsz // s) for x in range(imgsz // s)]
+    points = torch.tensor(pts)
+    n = len(points)
+    centre = points[None] + torch.randn(b, n, 2, generator=g) * 12  # many predictions miss: CIoU <= 0
+    half = torch.rand(b, n, 2, generator=g) * 10 + 1
+    boxes = torch.cat((centre - half, centre + half), -1)
+    scores = torch.rand(b, n, c, generator=g) * 0.1
+    gxy = torch.rand(b, m, 2, generator=g) * 70 + 13
+    gwh = torch.rand(b, m, 2, generator=g) * 30 + 4  # small objects: few candidates each, some overlapping
+    gt_boxes = torch.cat((gxy - gwh / 2, gxy + gwh / 2), -1)
+    gt_cls = torch.randint(0, c, (b, m), generator=g)
+    gt_valid = torch.arange(m)[None] < torch.tensor([[6], [4], [2], [5]])
+    gt_boxes = gt_boxes * gt_valid[..., None]  # padded slots are zeros, as in a batch
+    ours = TaskAlignedAssigner(c, topk=10, alpha=0.5, beta=6.0, min_side=16.0)(
+        scores, boxes, points, gt_cls, gt_boxes, gt_valid)
+    theirs = ul_tal(topk=10, num_classes=c, alpha=0.5, beta=6.0, stride=list(strides))
+    _, t_boxes, t_scores, t_fg, t_idx = theirs(scores, boxes, points, gt_cls[..., None], gt_boxes,
+                                                gt_valid[..., None].float())
+    # the case has what it is for: metric-0 candidates inside small ground truths
+    u = ciou_xyxy(boxes[:, None].expand(b, m, n, 4).reshape(-1, 4), gt_boxes[:, :, None].expand(b, m, n, 4).reshape(-1, 4))
+    u = u.clamp(min=0).view(b, m, n)
+    assert int(((u == 0) & gt_valid[..., None]).sum()) > 100
+    assert torch.equal(ours.fg, t_fg)
+    assert torch.equal(ours.gt_index[ours.fg], t_idx[t_fg])
+    assert torch.equal(ours.boxes[ours.fg], t_boxes[t_fg])
+    torch.testing.assert_close(ours.scores, t_scores, rtol=1e-5, atol=1e-7)
+    assert int(ours.fg.sum()) > 20 and bool((ours.scores.sum(-1)[ours.fg] == 0).any())  # weightless positives
 
 
 def test_assigner_without_ground_truth():
@@ -175,6 +220,13 @@ def _assert_same_gradients(ours, theirs, total, ref_total):
                                    msg=lambda m, n=n: f"{n}: {m}")
         checked += 1
     assert checked > 100
+
+
+@pytest.fixture(scope="module")
+def ul_tal(ultralytics_home):
+    from ultralytics.utils.tal import TaskAlignedAssigner as UltralyticsAssigner
+
+    return UltralyticsAssigner
 
 
 @pytest.fixture(scope="module")

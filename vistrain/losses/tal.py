@@ -3,7 +3,8 @@
 For every ground truth ``g`` and anchor point ``a`` whose centre lies inside ``g`` (the candidates), the
 alignment metric is ``t = s ** alpha * u ** beta`` with ``s`` the predicted probability of ``g``'s class at
 ``a`` and ``u`` the CIoU (clamped at 0) of ``a``'s predicted box with ``g``.  Each ground truth takes its
-``topk`` candidates of highest ``t``; an anchor point taken by several keeps the ground truth its
+``topk`` candidates of highest ``t`` (a candidate whose ``t`` is 0 only where torch.topk's tie-break among
+the zeros picks it, as in ultralytics); an anchor point taken by several keeps the ground truth its
 prediction overlaps most.  The class target of a positive is not 1 but
 ``t / max_a t(g) * max_a u(g)`` (both maxima over ``g``'s positives): good predictions are asked for high
 scores, poor ones for low.
@@ -78,15 +79,19 @@ class TaskAlignedAssigner:
         overlap[bi, gi, ai] = u
         metric[bi, gi, ai] = s.pow(self.alpha) * u.pow(self.beta)
 
-        # each ground truth's top-k candidates (non-candidates rank below every candidate)
+        # each ground truth's k anchor points of highest metric over all anchor points (non-candidates at 0),
+        # of which the candidates are kept: as ultralytics, including its torch.topk call on this same
+        # [B, M, N] layout, whose tie-break decides which metric-0 candidates (if any) fill a ground truth's
+        # top k when fewer than k candidates have a metric above 0
         k = min(self.topk, n)
-        top = metric.masked_fill(~cand, -1.0).topk(k, dim=-1).indices  # [B, M, k]
+        top = metric.topk(k, dim=-1).indices  # [B, M, k]
         pos = torch.zeros_like(cand).scatter_(-1, top, True) & cand
 
-        # an anchor point claimed by several ground truths keeps the one its prediction overlaps most
+        # an anchor point claimed by several ground truths keeps the one its prediction overlaps most (the
+        # first on ties, also when all those overlaps are 0, as ultralytics)
         multi = pos.sum(1, keepdim=True) > 1  # [B, 1, N]
         best = torch.zeros_like(pos).scatter_(1, overlap.argmax(1, keepdim=True), True)
-        pos = torch.where(multi, best & cand, pos)
+        pos = torch.where(multi, best, pos)
 
         fg = pos.any(1)
         gt_index = pos.to(torch.uint8).argmax(1)  # [B, N]
