@@ -13,6 +13,7 @@ from PIL import Image
 
 import vistrain
 from vistrain.engine.checkpoint import load_checkpoint
+from vistrain.engine.utils import UserError
 from vistrain.engine.trainer import Trainer
 from vistrain.config import get_config
 
@@ -47,6 +48,10 @@ def test_two_epochs_loss_falls_and_run_folder_complete(colour_folder):
     assert lrs[1] / lrs[0] == pytest.approx(1 - 0.5 * 0.99)
     ckpt = load_checkpoint(run / "weights/best.pt")
     assert ckpt["names"] == ["blue", "green", "red"] and ckpt["imgsz"] == 32 and ckpt["task"] == "classify"
+    # the finished run's best.pt holds no training state (last.pt does, for resume)
+    last = load_checkpoint(run / "weights/last.pt")
+    assert {"train_model", "optimizer"} <= set(last) and not {"train_model", "optimizer", "grads"} & set(ckpt)
+    assert (run / "weights/best.pt").stat().st_size < 0.6 * (run / "weights/last.pt").stat().st_size
     # a second run gets a new numbered folder
     res2 = vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
     assert res2["save_dir"] == str(Path("runs/classify/train2"))
@@ -113,6 +118,9 @@ def test_resume_continues_exactly(colour_folder):
         assert torch.allclose(v.float(), b["train_model"][k].float(), atol=1e-6), k
     for k, v in a["model"].items():
         assert torch.allclose(v.float(), b["model"][k].float(), atol=1e-6), k
+    # a finished run's best.pt carries no training state: resuming from it says so
+    with pytest.raises(UserError, match="best.pt: not a vistrain last.pt with training state"):
+        make_trainer(resume="runs/classify/full/weights/best.pt")
 
 
 def test_bad_and_odd_images_train_with_warnings(colour_folder, capsys):
@@ -149,7 +157,6 @@ def test_time_limit_and_patience(colour_folder):
 
 
 def test_non_finite_loss_skipped_then_divergence_stops_with_message(colour_folder, monkeypatch, capsys):
-    from vistrain.engine.utils import UserError
     from vistrain.tasks.classify import ClassifyTask
 
     real = ClassifyTask.loss

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint
+from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint, strip_training_state
 from vistrain.engine.run import build_run_model, get_task_for, prepare_run, public_args, resolve_model_source
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
 from vistrain.engine.validator import make_loader, run_validation
@@ -391,6 +391,7 @@ class Trainer:
             LOGGER.warning(f"{self.skipped_steps} batches skipped for a non-finite loss or gradient")
         model = self.ema.ema if self.ema else self.model
         if best.exists():
+            strip_training_state(best)  # the run is over: best.pt is for inference and fine-tuning; last.pt resumes
             model.load_state_dict(load_checkpoint(best)["model"])
         metrics, val_losses = run_validation(model, self.val_loader, self.task, self.names, self.device, self.amp,
                                              plot_dir=self.save_dir if self.cfg["plots"] else None)
