@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,10 @@ def test_two_epochs_loss_falls_and_run_folder_complete(colour_folder):
     last = load_checkpoint(run / "weights/last.pt")
     assert {"train_model", "optimizer"} <= set(last) and not {"train_model", "optimizer", "grads"} & set(ckpt)
     assert (run / "weights/best.pt").stat().st_size < 0.6 * (run / "weights/last.pt").stat().st_size
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in ("best.pt", "last.pt"):  # as open() would create them, not mkstemp's owner-only mode
+        assert (run / "weights" / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
     # a second run gets a new numbered folder
     res2 = vistrain.train(data=str(colour_folder), epochs=1, plots=False, **FAST)
     assert res2["save_dir"] == str(Path("runs/classify/train2"))

@@ -29,12 +29,16 @@ TRAINING_STATE = ("train_model", "optimizer", "grads", "scaler", "rng")  # what 
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
-    """Write ``obj`` atomically to ``path`` (temp file in the same folder + ``os.replace``)."""
+    """Write ``obj`` atomically to ``path`` (temp file in the same folder + ``os.replace``), with the
+    permissions a plain ``open()`` would give (mkstemp's temp files are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0o022)  # read the process umask (set back at once)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
