@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0])
+    p.add_argument("--batches", default="ultralytics,vistrain",
+                   help="which pipelines' batches to train on, comma-separated (default both)")
     p.add_argument("--show-progress", action="store_true")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
 
         root = make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0)
         for seed in args.seeds:
-            for batches in ("ultralytics", "vistrain"):
+            for batches in args.batches.split(","):
                 res = train(root / "segment" / "data.yaml", seed, batches, tmp / "runs", args)
                 print(f"seed {seed}: vistrain trainer on {batches:<11} batches: " + json.dumps(
                     {k.split("/")[-1]: round(v, 4) for k, v in res.items()}), flush=True)

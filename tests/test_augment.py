@@ -350,6 +350,21 @@ def test_augment_hsv():
     assert np.array_equal(out, A.augment_hsv(img, np.random.default_rng(0), 0.5, 0.7, 0.4))
 
 
+@pytest.mark.parametrize("seed", [0, 2, 3, 4])  # offsets of +2, -5, -8, +7 hue units
+def test_augment_hsv_hue_shift_is_the_same_for_every_hue(seed):
+    """Hue jitter adds one offset to every hue (wrapping at 180), as ultralytics >= 8.3.79 does: red moves
+    as much as blue (a multiplicative gain would leave hue 0 where it is)."""
+    hsv = np.stack(np.meshgrid(np.arange(180), [255], [255]), -1).reshape(1, 180, 3).astype(np.uint8)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    hue_in = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[0, :, 0].astype(int)
+    hue_out = cv2.cvtColor(A.augment_hsv(rgb, np.random.default_rng(seed), 0.05, 0, 0), cv2.COLOR_RGB2HSV)[0, :, 0]
+    shift = (hue_out.astype(int) - hue_in) % 180
+    shift = np.where(shift > 90, shift - 180, shift)  # signed
+    expected = np.floor(np.random.default_rng(seed).uniform(-1, 1) * 0.05 * 180)
+    assert expected != 0 and (shift == expected).mean() > 0.9  # HSV<->RGB rounding moves a few by one
+    assert np.abs(shift - expected).max() <= 1
+
+
 def test_mixup_blends_and_concatenates():
     rng = np.random.default_rng(4)
     a = make_sample(rng, 128, 128, [0, 1], "polygon")  # top row of cells

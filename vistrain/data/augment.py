@@ -375,15 +375,19 @@ def random_perspective(img: np.ndarray, inst: Instances, rng: np.random.Generato
 # ------------------------------------------------------------------------------------ colour, flips, mixup
 def augment_hsv(img: np.ndarray, rng: np.random.Generator, hgain: float = 0.015, sgain: float = 0.7,
                 vgain: float = 0.4) -> np.ndarray:
-    """Random hue / saturation / value jitter of an RGB uint8 image: each channel of its OpenCV HSV
-    (hue 0..179) is multiplied by a gain uniform in 1 +/- the channel's gain (hue wraps around), through
-    look-up tables.  Returns a new image; three numbers are drawn from ``rng`` even when all gains are 0."""
-    gains = rng.uniform(-1, 1, size=3) * np.array([hgain, sgain, vgain]) + 1
+    """Random hue / saturation / value jitter of an RGB uint8 image, through look-up tables on its OpenCV HSV
+    (hue 0..179): hue shifted by one offset uniform in +/- ``hgain`` x 180 for every pixel (wrapping around),
+    saturation and value multiplied by gains uniform in 1 +/- ``sgain`` and 1 +/- ``vgain``.
+
+    The hue shift is additive, as in ultralytics >= 8.3.79: every hue moves by the same amount.  YOLOv5's
+    multiplicative hue gain moved red (hue near 0) not at all and blue by +/- 1.8, and merged neighbouring hues.
+    Returns a new image; three numbers are drawn from ``rng`` even when all gains are 0."""
+    r = rng.uniform(-1, 1, size=3) * np.array([hgain, sgain, vgain])
     if not (hgain or sgain or vgain):
         return img.copy()
     hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_RGB2HSV))
     x = np.arange(256, dtype=np.float64)
-    luts = (np.mod(np.floor(x * gains[0]), 180), np.clip(x * gains[1], 0, 255), np.clip(x * gains[2], 0, 255))
+    luts = (np.mod(np.floor(x + r[0] * 180), 180), np.clip(x * (1 + r[1]), 0, 255), np.clip(x * (1 + r[2]), 0, 255))
     hsv = cv2.merge([cv2.LUT(ch, lut.astype(np.uint8)) for ch, lut in zip((hue, sat, val), luts)])
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
