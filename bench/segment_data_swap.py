@@ -7,12 +7,13 @@ dataloader (mosaic closed, as both sides run in bench/segment.py's 10-epoch sett
 vistrain's validation mAP50-95 (box, mask) for each seed, next to the same run on vistrain's batches.
 
     .venv/bin/python bench/segment_data_swap.py --seeds 0,3       # ~8 min per seed and pipeline, 2 cores
+    .venv/bin/python bench/segment_data_swap.py --seeds 0,1,2 --batches ultralytics   # only ultralytics' batches
     .venv/bin/python bench/segment_data_swap.py --quick            # smoke run (60 images, 1 epoch, 128 px)
 
-A first use (2026-11-23, 320 px, 10 epochs, before the 1% area rule of random_perspective): box mAP50-95
-with ultralytics' batches 0.0547 / 0.0360 at seeds 0 / 3, with vistrain's 0.0322 / 0.0197, ultralytics'
-own trainer 0.0435 / 0.0447 (that run fed channels in BGR order, which ultralytics' batches are not:
-they are RGB).  See bench/README.md.
+Uses so far (box mAP50-95, 320 px, 10 epochs; details in bench/README.md): 2026-11-23, before the 1% area rule
+of random_perspective and feeding channels in BGR order: ultralytics' batches 0.0547 / 0.0360 at seeds 0 / 3,
+vistrain's 0.0322 / 0.0197.  2026-11-24, after the assigner fix (f267b9b): ultralytics' batches 0.0420 / 0.0393 /
+0.0415 at seeds 0 / 1 / 2; vistrain's own batches (bench/segment.py's runs) 0.0240 / 0.0299 / 0.0205.
 """
 
 from __future__ import annotations
