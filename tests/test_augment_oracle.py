@@ -1,0 +1,131 @@
+"""Training samples against ultralytics' segment pipeline (a test oracle only: vistrain never imports it).
+
+With mosaic closed (the last ``close_mosaic`` epochs, and all of a 10-epoch run), a training sample is:
+letterbox -> random perspective (scale, translation) -> HSV -> flip, then the masks at 1/4.  Both pipelines
+are given the same random numbers (ultralytics' through ``random.uniform`` / ``random.random`` /
+``np.random.uniform``, matched by their ranges; vistrain's through a scripted generator), and must give the
+same instances with the same boxes, nearly the same masks and images.
+
+What may differ, by design: vistrain warps images with the half-pixel correction (labels and pixels move
+together exactly); ultralytics applies the label matrix to pixel indices, which moves the image by
+0.5 * (1 - scale) px against its labels.  That, and ultralytics' masks (vertices truncated to integers,
+then an area-averaging resize) being a little fatter, are the only differences these bounds allow.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vistrain.data.synthetic import make_dataset
+
+
+class ScriptedRng:
+    """Stands in for ``np.random.Generator``: returns the given values for the draws matched by range."""
+
+    def __init__(self, scale: float, translate: tuple[float, float], hsv: np.ndarray, flip: float):
+        self.scale, self.translate, self.hsv, self.flip = scale, translate, hsv, flip
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        if (low, high) == (0.5, 1.5):
+            return self.scale
+        if size == 2 and np.isclose(low, 0.4) and np.isclose(high, 0.6):
+            return np.array(self.translate)
+        if size == 3 and (low, high) == (-1, 1):
+            return self.hsv.copy()
+        mid = (low + high) / 2  # rotation, shear, perspective: all 0 in the defaults
+        return mid if size is None else np.full(size, mid)
+
+    def random(self, size=None):
+        # mosaic (off: any value), then flips (up-down, left-right)
+        return 0.5 if size is None else np.array([1.0, self.flip])
+
+
+@pytest.fixture(scope="module")
+def pipelines(ultralytics_home, tmp_path_factory):
+    """(ultralytics' segment train dataset, vistrain's), both with mosaic closed, on one small generated set."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    from vistrain.data.detect import DetectDataset
+    from vistrain.data.yolo import list_split_images, load_data_yaml, scan_split
+
+    root = make_dataset(tmp_path_factory.mktemp("shapes"), n=24, imgsz=160, seed=3, workers=1)
+    data_yaml = root / "segment" / "data.yaml"
+    cfg = get_cfg(overrides=dict(task="segment", imgsz=160, batch=8))
+    ul_ds = build_yolo_dataset(cfg, check_det_dataset(str(data_yaml))["train"], 8,
+                               check_det_dataset(str(data_yaml)), mode="train", stride=32)
+    ul_ds.close_mosaic(cfg)
+    data = load_data_yaml(data_yaml)
+    labels, _ = scan_split(list_split_images(data, "train"), data["nc"], workers=1)
+    ours = DetectDataset(labels.items, 160, augment=True, seed=0, masks=True, mask_ratio=4, overlap=True)
+    ours.close_mosaic()
+    return ul_ds, ours
+
+
+def ultralytics_sample(ds, index: int, rng: ScriptedRng, monkeypatch) -> dict:
+    translate = list(rng.translate)
+
+    def uniform(low, high):
+        if (low, high) == (0.5, 1.5):
+            return rng.scale
+        if np.isclose(low, 0.4) and np.isclose(high, 0.6):
+            return translate.pop(0)
+        return (low + high) / 2  # rotation, shear, perspective 0; mosaic / mixup / cutmix checks 0.5 > p = 0
+
+    with monkeypatch.context() as m:
+        m.setattr(random, "uniform", uniform)
+        m.setattr(random, "random", lambda: rng.flip)  # up-down (p = 0: never), left-right
+        m.setattr(np.random, "uniform", lambda low, high, size: rng.hsv.copy())
+        return ds[index]
+
+
+def test_training_samples_equal_ultralytics_given_the_same_random_numbers(pipelines, monkeypatch):
+    ul_ds, ours = pipelines
+    by_name = {Path(it.im_file).name: j for j, it in enumerate(ours.items)}
+    draw = np.random.default_rng(0)
+    compared = boxes_seen = near_one = 0
+    for trial in range(16):
+        i = int(draw.integers(len(ul_ds)))
+        rng = ScriptedRng(scale=float(draw.uniform(0.5, 1.5)), translate=tuple(draw.uniform(0.4, 0.6, 2)),
+                          hsv=draw.uniform(-1, 1, 3), flip=float(trial % 2))
+        u = ultralytics_sample(ul_ds, i, rng, monkeypatch)
+        ours._rng, ours._rng_pid = rng, os.getpid()
+        v = ours[by_name[Path(ul_ds.im_files[i]).name]]
+        where = f"{Path(ul_ds.im_files[i]).name}, scale {rng.scale:.2f}, flip {rng.flip}"
+
+        # the same instances with the same boxes (the order, largest first for the masks, may differ where two
+        # objects have nearly the same area: vistrain ranks polygon areas, ultralytics mask pixel counts)
+        ub, vb = u["bboxes"].numpy() * 160, v["bboxes"].numpy() * 160
+        ucls, vcls = u["cls"].view(-1).numpy(), v["cls"].numpy()
+        assert len(ucls) == len(vcls), where
+        match = [int(np.argmin(np.abs(ub - b).sum(1) + 1e3 * (ucls != c))) for b, c in zip(vb, vcls)]
+        assert sorted(match) == list(range(len(ucls))), where
+        np.testing.assert_array_equal(ucls[match], vcls, err_msg=where)
+        np.testing.assert_allclose(vb, ub[match], atol=0.05, err_msg=where)
+        boxes_seen += len(vcls)
+
+        # masks: nearly the same pixels, instance by instance
+        um, vm = u["masks"].numpy()[0], v["masks"].numpy()
+        assert um.shape == vm.shape == (40, 40), where
+        assert ((um > 0) == (vm > 0)).mean() > 0.98, where
+        for k, ku in enumerate(match):
+            a, b = um == ku + 1, vm == k + 1
+            if a.sum() >= 30:  # a small one (a few mask pixels) can lose or gain a large share of them
+                assert (a & b).sum() / (a | b).sum() > 0.7, f"{where}, instance {k}"
+
+        # images: RGB both, equal but for the half-pixel warp difference at edges
+        ui, vi = u["img"].numpy().astype(np.int16), v["img"].numpy().astype(np.int16)
+        assert ui.shape == vi.shape == (3, 160, 160), where
+        diff = np.abs(ui - vi)
+        assert diff.mean() < 3 and (diff > 32).mean() < 0.02, f"{where}: mean |diff| {diff.mean():.2f}"
+        if abs(rng.scale - 1) < 0.1:  # the warps' half-pixel difference is 0.5 * |1 - scale| px: almost none
+            assert diff.mean() < 0.5, f"{where}: mean |diff| {diff.mean():.2f}"
+            near_one += 1
+        compared += 1
+    assert compared == 16 and boxes_seen >= 20 and near_one >= 2
