@@ -58,8 +58,8 @@ def pipelines(ultralytics_home, tmp_path_factory):
     root = make_dataset(tmp_path_factory.mktemp("shapes"), n=24, imgsz=160, seed=3, workers=1)
     data_yaml = root / "segment" / "data.yaml"
     cfg = get_cfg(overrides=dict(task="segment", imgsz=160, batch=8))
-    ul_ds = build_yolo_dataset(cfg, check_det_dataset(str(data_yaml))["train"], 8,
-                               check_det_dataset(str(data_yaml)), mode="train", stride=32)
+    ul_data = check_det_dataset(str(data_yaml))
+    ul_ds = build_yolo_dataset(cfg, ul_data["train"], 8, ul_data, mode="train", stride=32)
     ul_ds.close_mosaic(cfg)
     data = load_data_yaml(data_yaml)
     labels, _ = scan_split(list_split_images(data, "train"), data["nc"], workers=1)
