@@ -406,9 +406,17 @@ def main(argv=None) -> int:
                 for side, s in infer.items():
                     print(f"  inference {side:<26} {s['ms_median']:7.1f} ms (batch 1, {args.imgsz} px; "
                           f"{s['detections']} boxes kept)", flush=True)
+            summarise(args, old, runs, infer)
 
-    if old:
-        runs = old["runs"] + runs
+    return 0
+
+
+def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
+    """Means over all runs so far (earlier file's and this invocation's), printed and written to ``args.out``:
+    called after every seed, so a long ``--seeds`` list that is stopped keeps what it finished."""
+    import ultralytics
+
+    runs = (old["runs"] if old else []) + new_runs
     seeds = [r["seed"] for r in runs]
     img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
     acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
@@ -434,7 +442,7 @@ def main(argv=None) -> int:
     settings["seeds"] = seeds
     out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics (CPU)",
            "settings": settings, "code": (old.get("code", [{"commit": None, "seeds": old["settings"]["seeds"]}])
-                                          if old else []) + [{**code_version(), "seeds": args.seeds}],
+                                          if old else []) + [{**code_version(), "seeds": [r["seed"] for r in new_runs]}],
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
            "inference": infer, "ratios": ratios,
            "load_after": load1(),
@@ -442,8 +450,7 @@ def main(argv=None) -> int:
                        "torch": torch.__version__, "ultralytics": ultralytics.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"results: {args.out}")
-    return 0
+    print(f"results: {args.out}", flush=True)
 
 
 if __name__ == "__main__":
