@@ -10,10 +10,20 @@ vistrain's validation mAP50-95 (box, mask) for each seed, next to the same run o
     .venv/bin/python bench/segment_data_swap.py --seeds 0,1,2 --batches ultralytics   # only ultralytics' batches
     .venv/bin/python bench/segment_data_swap.py --quick            # smoke run (60 images, 1 epoch, 128 px)
 
+Two more arms split the pipeline further (``--batches``, comma-separated, any of the four):
+
+- ``ultralytics-dataset``: ultralytics' dataset (its transforms and its draws: Python's ``random`` for the geometry
+  and flips, numpy's global generator for HSV) in vistrain's DataLoader (its seeding, persistent workers);
+- ``vistrain-python-random``: vistrain's dataset and DataLoader, its draws taken from Python's ``random`` (seeded per
+  worker as both libraries seed it) instead of a numpy Generator.
+
 Uses so far (box mAP50-95, 320 px, 10 epochs; details in bench/README.md): 2026-11-23, before the 1% area rule
 of random_perspective and feeding channels in BGR order: ultralytics' batches 0.0547 / 0.0360 at seeds 0 / 3,
 vistrain's 0.0322 / 0.0197.  2026-11-24, after the assigner fix (f267b9b): ultralytics' batches 0.0420 / 0.0393 /
 0.0415 at seeds 0 / 1 / 2; vistrain's own batches (bench/segment.py's runs) 0.0240 / 0.0299 / 0.0205.
+2026-11-24 (eighth session, vistrain/ as of f9c98d4): ultralytics' batches 0.0473 / 0.0337 at seeds 3 / 4 (vistrain's
+own: 0.0297 / 0.0338); ``ultralytics-dataset`` 0.0437 / 0.0256 at seeds 3 / 2; ``vistrain-python-random`` 0.0334 /
+0.0283 at seeds 3 / 2.
 """
 
 from __future__ import annotations
@@ -21,14 +31,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import block_internet, quiet  # noqa: E402
+
+
+class PythonRandom:
+    """The calls vistrain.data.augment makes on its ``np.random.Generator``, answered from Python's ``random`` (which
+    DataLoader workers seed from torch's per-worker seed, in vistrain as in ultralytics)."""
+
+    @staticmethod
+    def _many(fn, size):
+        return fn() if size is None else np.array([fn() for _ in range(int(np.prod(size)))]).reshape(size)
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return self._many(lambda: random.uniform(low, high), size)
+
+    def random(self, size=None):
+        return self._many(random.random, size)
+
+    def integers(self, low, high=None, size=None):
+        low, high = (0, low) if high is None else (low, high)
+        return self._many(lambda: random.randrange(low, high), size)
+
+    def permutation(self, x):
+        x = list(x)
+        random.shuffle(x)
+        return np.array(x)
+
+    def beta(self, a, b):
+        return random.betavariate(a, b)
 
 
 class UltralyticsBatches:
@@ -49,13 +88,21 @@ class UltralyticsBatches:
                    "ori_labels": [None] * n}
 
 
+ARMS = ("ultralytics", "vistrain", "ultralytics-dataset", "vistrain-python-random")
+
+
 def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict:
     from vistrain.config import get_config
     from vistrain.engine.trainer import Trainer
 
     class SwapTrainer(Trainer):
         def make_train_loader(self):
-            if batches != "ultralytics":
+            if batches == "vistrain":
+                return super().make_train_loader()
+            if batches == "vistrain-python-random":
+                from vistrain.data.detect import DetectDataset
+
+                DetectDataset.rng = property(lambda _: PythonRandom())  # before the workers fork
                 return super().make_train_loader()
             from ultralytics.cfg import get_cfg
             from ultralytics.data.build import build_dataloader, build_yolo_dataset
@@ -66,6 +113,14 @@ def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict
             ds = build_yolo_dataset(cfg, data["train"], self.cfg["batch"], data, mode="train", stride=32)
             if args.epochs <= 10:  # close_mosaic 10: ultralytics trains these runs without mosaic
                 ds.close_mosaic(cfg)
+            if batches == "ultralytics-dataset":  # in vistrain's loader, which the trainer re-seeds every epoch
+                from vistrain.engine.validator import make_loader
+
+                task = type("UltralyticsCollate", (), {"collate_fn": staticmethod(ds.collate_fn)})
+                loader = make_loader(ds, task, self.cfg["batch"], self.cfg["workers"], shuffle=True, seed=seed)
+                wrapped = UltralyticsBatches(loader)
+                wrapped.generator = loader.generator
+                return wrapped
             torch.manual_seed(seed)
             return UltralyticsBatches(build_dataloader(ds, self.cfg["batch"], self.cfg["workers"], shuffle=True,
                                                        device="cpu"))
@@ -95,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--show-progress", action="store_true")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.batches.split(",")) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--batches {','.join(unknown)}: not one of {', '.join(ARMS)}")
     if args.quick:
         args.n, args.epochs, args.imgsz, args.seeds = 60, 1, 128, args.seeds[:1]
     with tempfile.TemporaryDirectory(prefix="vistrain-swap-") as tmp:
