@@ -40,7 +40,7 @@ dir, internet sockets refused for the whole run.
 
 Accuracy is compared over seeds, which are unpaired (a seed means different draws on the two sides): the
 summary gives each difference of means with its standard error and a permutation test's p-value, since one
-run's box mAP50-95 has a standard deviation of about 0.006 here, as large as the differences looked for.
+run's box mAP50-95 has a standard deviation of 0.006-0.011 here, larger than the differences looked for.
 """
 
 from __future__ import annotations
