@@ -9,10 +9,12 @@ with AdamW, whose first steps move every parameter by about lr whatever its grad
 alone separates runs visibly, so only a distance well above that baseline means the trainers differ.
 
     .venv/bin/python bench/segment_lockstep.py                 # 50 batches (2 epochs) at 320 px, ~6 min
+    .venv/bin/python bench/segment_lockstep.py --batches 100   # past warmup's end (batch 75), ~14 min
     .venv/bin/python bench/segment_lockstep.py --batches 10 --imgsz 160
 
 Results (2026-11-24): before 6cbbeb4 (the assigner's tie rule), the first real step already put the two
 trainers 73% of a step apart against a 15% rounding baseline; see bench/README.md for the numbers since.
+With ``--batches 100`` (past the end of warmup): 102.8% apart after 100 batches against a 101.0% baseline.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
                                               build_dataloader(ds, args.batch, 0, shuffle=True, device="cpu"))]
             torch.manual_seed(args.seed)
             init = copy.deepcopy(SegmentationModel("yolov8n-seg.yaml", nc=data["nc"], verbose=False).state_dict())
-        snaps_at = sorted({0, 1, 3, 7, min(per_epoch, args.batches) - 1, args.batches - 1})
+        snaps_at = sorted({0, 1, 3, 7, args.batches - 1} | set(range(per_epoch - 1, args.batches, per_epoch)))  # + epoch ends
         snaps: dict[str, dict[int, dict]] = {}
 
         def recorder(name: str, model_of):
