@@ -100,6 +100,8 @@ def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
     overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
                      batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
                      project=str(project), name="vistrain", exist_ok=True)
+    if args.nbs:
+        overrides["nbs"] = args.nbs
     cfg = get_config(overrides)
     cfg["_user_keys"] = sorted(overrides)
     torch.set_num_threads(args.threads)
@@ -109,7 +111,7 @@ def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
     trainer.add_callback("on_batch_end", clock.batch_end)
     with quiet(args.show_progress):
         res = trainer.train()
-    return Path(res["save_dir"]) / "weights" / "best.pt", {"clock": clock, "own": {
+    return Path(res["save_dir"]) / "weights" / "best.pt", {"clock": clock, "accumulate": trainer.accumulate, "own": {
         k: float(v) for k, v in res.items() if k.startswith("metrics/")}}
 
 
@@ -135,8 +137,9 @@ def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]
     model.add_callback("on_train_epoch_start", clock.epoch_start)
     model.add_callback("on_train_batch_end", clock.batch_end)
     torch.set_num_threads(args.threads)
+    extra = {"nbs": args.nbs} if args.nbs else {}
     with quiet(args.show_progress):
-        model.train(trainer=BenchTrainer, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
+        model.train(trainer=BenchTrainer, **extra, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
                     batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
                     project=str(project), name="ultralytics", exist_ok=True, pretrained=False, plots=False,
                     amp=False)
@@ -150,7 +153,7 @@ def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]
         if k in m:
             own[k] = float(m[k])
     torch.set_num_threads(args.threads)
-    return Path(tr.best), {"clock": clock, "own": own}
+    return Path(tr.best), {"clock": clock, "accumulate": tr.accumulate, "own": own}
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
@@ -299,6 +302,9 @@ def parse_args(argv=None):
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--nbs", type=int, default=None,
+                   help="nominal batch size for both sides (default: each side's default, 64: one optimizer step per "
+                        "4 batches of 16); --nbs 16 steps every batch, 4x the updates in the same time")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--infer-rounds", type=int, default=60)
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
@@ -322,7 +328,7 @@ def parse_args(argv=None):
     return args
 
 
-SAME_SETTINGS = ("n", "epochs", "imgsz", "batch", "workers", "threads")
+SAME_SETTINGS = ("n", "epochs", "imgsz", "batch", "nbs", "workers", "threads")
 TRAINING_CODE = ("vistrain",)  # what a run's accuracy and speed depend on, on our side
 
 
@@ -416,7 +422,8 @@ def main(argv=None) -> int:
         n_train = split_layout(args.n, 0.2)[0]
         data_yaml = root / "segment" / "data.yaml"
         print(f"YOLOv8n-seg from scratch, CPU, {args.threads} threads, {args.workers} workers: {n_train} train / "
-              f"{args.n - n_train} val images at {args.imgsz} px, {args.epochs} epochs, batch {args.batch}; "
+              f"{args.n - n_train} val images at {args.imgsz} px, {args.epochs} epochs, batch {args.batch}, "
+              f"nbs {args.nbs or 'default (64)'}; "
               f"ultralytics {ultralytics.__version__}", flush=True)
         load_before, waited = wait_for_quiet(args.max_load, args.max_wait)
         print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
@@ -430,10 +437,11 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 best[side], info = fn(data_yaml, tmp / f"runs-seed{seed}", args)
                 clock = info["clock"].result(n_train)
-                train[side] = {**clock, "own_val": info["own"], "wall_s": time.time() - t0}
+                train[side] = {**clock, "own_val": info["own"], "accumulate_at_end": info["accumulate"],
+                               "wall_s": time.time() - t0}
                 print(f"  seed {seed}: train {side:<12} {clock['img_per_s']:6.2f} img/s (epochs after the first; "
                       f"wall {time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% "
-                      f"CPU); its own val: {info['own']}", flush=True)
+                      f"CPU, accumulate {info['accumulate']}); its own val: {info['own']}", flush=True)
             acc = accuracy(best, root, tmp / f"runs-seed{seed}", args)
             for pipeline, sides in acc.items():
                 for side, s in sides.items():
