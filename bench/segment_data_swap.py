@@ -29,6 +29,8 @@ own: 0.0297 / 0.0338); ``ultralytics-dataset`` 0.0437 / 0.0256 at seeds 3 / 2; `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import os
 import random
@@ -88,7 +90,40 @@ class UltralyticsBatches:
                    "ori_labels": [None] * n}
 
 
-ARMS = ("ultralytics", "vistrain", "ultralytics-dataset", "vistrain-python-random")
+ARMS = ("ultralytics", "vistrain", "ultralytics-dataset", "vistrain-python-random", "vistrain-ultralytics-masks",
+        "vistrain-pixel-warp")
+
+
+@contextlib.contextmanager
+def convention(batches: str):
+    """The arms that change one convention of vistrain's dataset to ultralytics' (patched before the workers fork):
+
+    - ``vistrain-ultralytics-masks``: training masks rasterised by ultralytics' ``polygons2masks_overlap`` (vertices
+      truncated to integers, filled at full size, resized bilinearly; instances ordered by mask area);
+    - ``vistrain-pixel-warp``: the warp applied to pixel indices, as ultralytics does (no half-pixel correction, so
+      the image moves by 0.5 x (1 - zoom) px against its labels)."""
+    import vistrain.data.augment as A
+
+    saved = {"instance_masks": A.instance_masks, "_shift_half_pixel": A._shift_half_pixel}
+    if batches == "vistrain-ultralytics-masks":
+        from ultralytics.data.utils import polygons2masks_overlap
+
+        def instance_masks(inst, shape, ratio=4, overlap=True):
+            assert overlap, "this arm stands in for the overlap masks only"
+            polys = [np.asarray(s, np.float32) for s in inst.segments]
+            if not polys:
+                return np.zeros((shape[0] // ratio, shape[1] // ratio), np.uint8), inst
+            masks, index = polygons2masks_overlap(tuple(shape), polys, downsample_ratio=ratio)
+            return masks, inst.select(index)
+
+        A.instance_masks = instance_masks
+    elif batches == "vistrain-pixel-warp":
+        A._shift_half_pixel = lambda matrix: np.asarray(matrix, dtype=np.float64)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(A, k, v)
 
 
 def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict:
@@ -97,7 +132,7 @@ def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict
 
     class SwapTrainer(Trainer):
         def make_train_loader(self):
-            if batches == "vistrain":
+            if batches in ("vistrain", "vistrain-ultralytics-masks", "vistrain-pixel-warp"):
                 return super().make_train_loader()
             if batches == "vistrain-python-random":
                 from vistrain.data.detect import DetectDataset
@@ -128,12 +163,18 @@ def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict
     overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
                      workers=args.workers, device="cpu", seed=seed, deterministic=False, project=str(project),
                      name=f"{batches}-seed{seed}", exist_ok=True, plots=False)
+    if args.nbs:
+        overrides["nbs"] = args.nbs
     cfg = get_config(overrides)
     cfg["_user_keys"] = sorted(overrides)
     torch.set_num_threads(args.threads)
-    with quiet(args.show_progress):
+    with quiet(args.show_progress), convention(batches):
         res = SwapTrainer(cfg).train()
-    return {k: float(v) for k, v in res.items() if "mAP50-95" in k}
+    curve = []  # box mAP50-95 of vistrain's validation after each epoch
+    with open(Path(res["save_dir"]) / "results.csv") as f:
+        for row in csv.DictReader(f):
+            curve.append(round(float(row["metrics/mAP50-95(B)"]), 4))
+    return {**{k: float(v) for k, v in res.items() if "mAP50-95" in k}, "curve": curve}
 
 
 def main(argv=None) -> int:
@@ -143,6 +184,7 @@ def main(argv=None) -> int:
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--nbs", type=int, default=None, help="nominal batch size (default vistrain's 64)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0])
     p.add_argument("--batches", default="ultralytics,vistrain",
@@ -166,8 +208,10 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for batches in args.batches.split(","):
                 res = train(root / "segment" / "data.yaml", seed, batches, tmp / "runs", args)
+                curve = res.pop("curve")
                 print(f"seed {seed}: vistrain trainer on {batches:<11} batches: " + json.dumps(
-                    {k.split("/")[-1]: round(v, 4) for k, v in res.items()}), flush=True)
+                    {k.split("/")[-1]: round(v, 4) for k, v in res.items()}) + f"; box mAP50-95 by epoch {curve}",
+                    flush=True)
     return 0
 
 
