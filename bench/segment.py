@@ -98,8 +98,8 @@ def train_vistrain(data_yaml: Path, project: Path, args) -> tuple[Path, dict]:
     from vistrain.engine.trainer import Trainer
 
     overrides = dict(model="yolov8n-seg", data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
-                     batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
-                     project=str(project), name="vistrain", exist_ok=True)
+                     batch=args.batch, workers=args.workers, device=args.device, seed=args.seed, deterministic=False,
+                     project=str(project), name="vistrain", exist_ok=True, amp=args.amp)
     if args.nbs:
         overrides["nbs"] = args.nbs
     cfg = get_config(overrides)
@@ -140,9 +140,9 @@ def train_ultralytics(data_yaml: Path, project: Path, args) -> tuple[Path, dict]
     extra = {"nbs": args.nbs} if args.nbs else {}
     with quiet(args.show_progress):
         model.train(trainer=BenchTrainer, **extra, data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz,
-                    batch=args.batch, workers=args.workers, device="cpu", seed=args.seed, deterministic=False,
+                    batch=args.batch, workers=args.workers, device=args.device, seed=args.seed, deterministic=False,
                     project=str(project), name="ultralytics", exist_ok=True, pretrained=False, plots=False,
-                    amp=False)
+                    amp=args.amp)
     tr = held[0]
     for loader in (getattr(tr, "train_loader", None), getattr(tr, "test_loader", None)):
         if hasattr(loader, "close"):
@@ -208,7 +208,7 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
     scores: dict[str, dict] = {"val": {}, "predict": {}}
     for side, (v_pt, model) in weights.items():
         with quiet(args.show_progress):
-            res = vistrain.val(model=str(v_pt), data=data_yaml, save_json=True, conf=0.001, iou=IOU,
+            res = vistrain.val(model=str(v_pt), data=data_yaml, save_json=True, conf=0.001, iou=IOU, device=args.device,
                                imgsz=args.imgsz, batch=args.batch, workers=args.workers, project=str(project),
                                name=f"val-{side}", exist_ok=True)
         out_dir = Path(res["save_dir"])
@@ -219,7 +219,7 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
         with quiet(args.show_progress):
             for im in json.loads(annotations.read_text())["images"]:
                 r = model.predict(im["file_name"], conf=0.001, iou=IOU, imgsz=args.imgsz, max_det=MAX_DET,
-                                  retina_masks=True, verbose=False, device="cpu")[0]
+                                  retina_masks=True, verbose=False, device=args.device)[0]
                 if r.masks is None:
                     continue
                 masks = np.asfortranarray(r.masks.data.cpu().numpy().transpose(1, 2, 0).astype(np.uint8))
@@ -306,6 +306,10 @@ def parse_args(argv=None):
                    help="nominal batch size for both sides (default: each side's default, 64: one optimizer step per "
                         "4 batches of 16); --nbs 16 steps every batch, 4x the updates in the same time")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu",
+                   help="training and accuracy on this device for both sides (cpu, or a GPU index such as 0, for many "
+                        "seeds); inference latency is always timed on the CPU")
+    p.add_argument("--amp", action="store_true", help="mixed precision on a GPU, both sides (default off on both)")
     p.add_argument("--infer-rounds", type=int, default=60)
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
                    help="training seeds, comma-separated: each side trains once per seed, accuracy is the mean "
@@ -328,7 +332,8 @@ def parse_args(argv=None):
     return args
 
 
-SAME_SETTINGS = ("n", "epochs", "imgsz", "batch", "nbs", "workers", "threads")
+SAME_SETTINGS = ("n", "epochs", "imgsz", "batch", "nbs", "workers", "threads", "device", "amp")
+NEW_SETTINGS = {"nbs": None, "device": "cpu", "amp": False}  # what files written before these options ran with
 TRAINING_CODE = ("vistrain",)  # what a run's accuracy and speed depend on, on our side
 
 
@@ -353,8 +358,8 @@ def previous_runs(args) -> dict | None:
     if not args.out.exists():
         raise SystemExit(f"--extend: {args.out} does not exist; run without --extend first")
     old = json.loads(args.out.read_text())
-    diff = {k: (old["settings"].get(k), getattr(args, k)) for k in SAME_SETTINGS
-            if old["settings"].get(k) != getattr(args, k)}
+    was = {k: old["settings"].get(k, NEW_SETTINGS.get(k)) for k in SAME_SETTINGS}
+    diff = {k: (was[k], getattr(args, k)) for k in SAME_SETTINGS if was[k] != getattr(args, k)}
     if diff:
         raise SystemExit(f"--extend: settings differ from {args.out} (old, new): {diff}")
     clash = sorted({r["seed"] for r in old["runs"]} & set(args.seeds))
@@ -421,7 +426,7 @@ def main(argv=None) -> int:
         root = make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0)
         n_train = split_layout(args.n, 0.2)[0]
         data_yaml = root / "segment" / "data.yaml"
-        print(f"YOLOv8n-seg from scratch, CPU, {args.threads} threads, {args.workers} workers: {n_train} train / "
+        print(f"YOLOv8n-seg from scratch, device {args.device}{' (AMP)' if args.amp else ''}, {args.threads} threads, {args.workers} workers: {n_train} train / "
               f"{args.n - n_train} val images at {args.imgsz} px, {args.epochs} epochs, batch {args.batch}, "
               f"nbs {args.nbs or 'default (64)'}; "
               f"ultralytics {ultralytics.__version__}", flush=True)
@@ -490,7 +495,8 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
     print_statistics(stats)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["seeds"] = seeds
-    out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics (CPU)",
+    out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics "
+                        f"(training on {args.device}{', AMP' if args.amp else ''}; inference on the CPU)",
            "settings": settings, "code": (old.get("code", [{"commit": None, "seeds": old["settings"]["seeds"]}])
                                           if old else []) + [{**code_version(), "seeds": [r["seed"] for r in new_runs]}],
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
