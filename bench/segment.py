@@ -37,6 +37,8 @@ dir, internet sockets refused for the whole run.
     .venv/bin/python bench/segment.py --quick         # smoke run: 60 images, 1 epoch, 128 px (~1 min)
     .venv/bin/python bench/segment.py --extend --seeds 7,8,9   # more seeds added to bench/results/segment.json
     .venv/bin/python bench/segment.py --report        # the seeds in the file compared: difference, standard error, p
+    .venv/bin/python bench/segment.py --nbs 16 --out bench/results/segment-nbs16.json   # an optimizer step per batch
+    .venv/bin/python bench/segment.py --device 0 --seeds 0,1,...,59 --out ...   # many seeds on a GPU (both sides)
 
 Accuracy is compared over seeds, which are unpaired (a seed means different draws on the two sides): the
 summary gives each difference of means with its standard error and a permutation test's p-value, since one

@@ -17,13 +17,20 @@ Two more arms split the pipeline further (``--batches``, comma-separated, any of
 - ``vistrain-python-random``: vistrain's dataset and DataLoader, its draws taken from Python's ``random`` (seeded per
   worker as both libraries seed it) instead of a numpy Generator.
 
+And two arms that each change one convention of vistrain's dataset to ultralytics' (see ``convention``):
+``vistrain-ultralytics-masks`` (its mask raster) and ``vistrain-pixel-warp`` (its warp on pixel indices).
+``--nbs 16`` steps the optimizer every batch (4x the steps of the default 64 in the same time): the runs then reach
+box mAP50-95 0.15-0.36 instead of ~0.03.  Each run prints its per-epoch box mAP50-95 too.
+
 Uses so far (box mAP50-95, 320 px, 10 epochs; details in bench/README.md): 2026-11-23, before the 1% area rule
 of random_perspective and feeding channels in BGR order: ultralytics' batches 0.0547 / 0.0360 at seeds 0 / 3,
 vistrain's 0.0322 / 0.0197.  2026-11-24, after the assigner fix (f267b9b): ultralytics' batches 0.0420 / 0.0393 /
 0.0415 at seeds 0 / 1 / 2; vistrain's own batches (bench/segment.py's runs) 0.0240 / 0.0299 / 0.0205.
 2026-11-24 (eighth session, vistrain/ as of f9c98d4): ultralytics' batches 0.0473 / 0.0337 at seeds 3 / 4 (vistrain's
 own: 0.0297 / 0.0338); ``ultralytics-dataset`` 0.0437 / 0.0256 at seeds 3 / 2; ``vistrain-python-random`` 0.0334 /
-0.0283 at seeds 3 / 2.
+0.0283 at seeds 3 / 2.  Ninth session, ``--nbs 16`` (same vistrain/): ``vistrain`` 0.2072 / 0.2081 / 0.1615 at seeds
+0 / 1 / 2; ``ultralytics-dataset`` 0.3139 / 0.1370 / 0.3574; ``ultralytics`` 0.3339 at seed 0;
+``vistrain-ultralytics-masks`` 0.2049 / 0.2043 / 0.2878; ``vistrain-pixel-warp`` 0.1674 at seed 2.
 """
 
 from __future__ import annotations
