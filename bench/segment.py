@@ -428,9 +428,9 @@ def main(argv=None) -> int:
         root = make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0)
         n_train = split_layout(args.n, 0.2)[0]
         data_yaml = root / "segment" / "data.yaml"
-        print(f"YOLOv8n-seg from scratch, device {args.device}{' (AMP)' if args.amp else ''}, {args.threads} threads, {args.workers} workers: {n_train} train / "
-              f"{args.n - n_train} val images at {args.imgsz} px, {args.epochs} epochs, batch {args.batch}, "
-              f"nbs {args.nbs or 'default (64)'}; "
+        print(f"YOLOv8n-seg from scratch, device {args.device}{' (AMP)' if args.amp else ''}, {args.threads} threads, "
+              f"{args.workers} workers: {n_train} train / {args.n - n_train} val images at {args.imgsz} px, "
+              f"{args.epochs} epochs, batch {args.batch}, nbs {args.nbs or 'default (64)'}; "
               f"ultralytics {ultralytics.__version__}", flush=True)
         load_before, waited = wait_for_quiet(args.max_load, args.max_wait)
         print(f"load average (1 min) before measuring: {load_before:.2f} (waited {waited:.0f} s)", flush=True)
