@@ -39,6 +39,9 @@ dir, internet sockets refused for the whole run.
     .venv/bin/python bench/segment.py --report        # the seeds in the file compared: difference, standard error, p
     .venv/bin/python bench/segment.py --nbs 16 --out bench/results/segment-nbs16.json   # an optimizer step per batch
     .venv/bin/python bench/segment.py --device 0 --seeds 0,1,...,59 --out ...   # many seeds on a GPU (both sides)
+    .venv/bin/python bench/segment.py --keep /tmp/seg   # keep data, runs (results.csv), weights and val outputs
+
+Each run also stores (and prints) pycocotools' box mAP50-95 per class.
 
 Accuracy is compared over seeds, which are unpaired (a seed means different draws on the two sides): the
 summary gives each difference of means with its standard error and a permutation test's p-value, since one
@@ -174,6 +177,11 @@ def cocoeval(annotations: Path, predictions: list) -> dict:
             ev = COCOeval(gt, dt, iou_type)
             ev.evaluate(), ev.accumulate(), ev.summarize()
             out[f"mAP50-95({x})"], out[f"mAP50({x})"] = float(ev.stats[0]), float(ev.stats[1])
+            # per class (COCO's own averaging, one category at a time): area all, maxDets 100
+            prec = ev.eval["precision"][:, :, :, 0, -1]  # [iou, recall, category]
+            out[f"per_class_mAP50-95({x})"] = {
+                gt.cats[c]["name"]: float(prec[:, :, k][prec[:, :, k] > -1].mean()) if (prec[:, :, k] > -1).any()
+                else None for k, c in enumerate(ev.params.catIds)}
     return out
 
 
@@ -321,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--show-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run: 60 images, 1 epoch, 128 px, 10 rounds")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", type=Path, default=None,
+                   help="work in this directory and keep it (data, runs, weights, val outputs) instead of a temp dir")
     p.add_argument("--report", action="store_true",
                    help="only print the per-seed comparison (means, their standard error, a permutation test) of --out")
     p.add_argument("--extend", action="store_true",
@@ -416,6 +426,9 @@ def main(argv=None) -> int:
     old = previous_runs(args)
     with tempfile.TemporaryDirectory(prefix="vistrain-bench-seg-") as tmp:
         tmp = Path(tmp)
+        if args.keep:  # runs, weights and val outputs stay under --keep
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = args.keep.resolve()
         os.environ["YOLO_OFFLINE"] = "1"
         os.environ["YOLO_CONFIG_DIR"] = str(tmp / "ultralytics-config")
         os.environ["VISTRAIN_CACHE"] = str(tmp / "vistrain-cache")
@@ -455,6 +468,9 @@ def main(argv=None) -> int:
                     print(f"  seed {seed}: pycocotools, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
                           f"{s['mAP50-95(B)']:.4f} (mAP50 {s['mAP50(B)']:.4f})  mask mAP50-95 {s['mAP50-95(M)']:.4f} "
                           f"(mAP50 {s['mAP50(M)']:.4f})", flush=True)
+                    per_class = s.get("per_class_mAP50-95(B)") or {}
+                    print(f"  seed {seed}: {'':<12} {pipeline:<7} {side:<12} box mAP50-95 per class: "
+                          + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in per_class.items()), flush=True)
             runs.append({"seed": seed, "train": train, "accuracy": acc})
             if infer is None:
                 infer = inference(best, root, args)
@@ -475,7 +491,8 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
     seeds = [r["seed"] for r in runs]
     img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
     acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
-                                  for k in runs[0]["accuracy"][pipeline][side]} for side in (V, P)}
+                                  for k in runs[0]["accuracy"][pipeline][side] if not k.startswith("per_class")}
+                         for side in (V, P)}
                 for pipeline in runs[0]["accuracy"]}
     ratios = {"train_img_per_s": img_s[V] / img_s[P],
               "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
