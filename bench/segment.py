@@ -39,6 +39,7 @@ dir, internet sockets refused for the whole run.
     .venv/bin/python bench/segment.py --report        # the seeds in the file compared: difference, standard error, p
     .venv/bin/python bench/segment.py --nbs 16 --out bench/results/segment-nbs16.json   # an optimizer step per batch
     .venv/bin/python bench/segment.py --device 0 --seeds 0,1,...,59 --out ...   # many seeds on a GPU (both sides)
+    .venv/bin/python bench/segment.py --merge a.json b.json --out ...   # runs made side by side, in one file
     .venv/bin/python bench/segment.py --keep /tmp/seg   # keep data, runs (results.csv), weights and val outputs
 
 Each run also stores (and prints) pycocotools' box mAP50-95 per class.
@@ -337,6 +338,9 @@ def parse_args(argv=None):
                    help="add the runs of --seeds to those already in --out (same settings, other seeds, no uncommitted "
                         "vistrain/ changes; changes since are printed and stored): accuracy and speed are then "
                         "over all seeds; inference is kept")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="FILE",
+                   help="only combine result files of the same settings and other seeds (e.g. processes run side "
+                        "by side on one GPU machine) into --out; inference and machine are the first file's")
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.epochs, args.imgsz, args.infer_rounds, args.seeds = 60, 1, 128, 10, args.seeds[:1]
@@ -423,6 +427,8 @@ def main(argv=None) -> int:
     if args.report:
         print_statistics(seed_statistics(json.loads(args.out.read_text())["runs"]))
         return 0
+    if args.merge:
+        return merge(args.merge, args.out)
     old = previous_runs(args)
     with tempfile.TemporaryDirectory(prefix="vistrain-bench-seg-") as tmp:
         tmp = Path(tmp)
@@ -482,6 +488,54 @@ def main(argv=None) -> int:
     return 0
 
 
+def run_means(runs: list) -> tuple[dict, dict, dict]:
+    """Over ``runs``: median training img/s per side, mean accuracy per pipeline and side, and the mean
+    mAP50-95 differences (vistrain - ultralytics) as the result file's ratios name them."""
+    img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
+    acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
+                                  for k in runs[0]["accuracy"][pipeline][side] if not k.startswith("per_class")}
+                           for side in (V, P)} for pipeline in runs[0]["accuracy"]}
+    diffs = {f"{kind}_map_minus_peer_{pipeline}": acc_mean[pipeline][V][f"mAP50-95({x})"]
+             - acc_mean[pipeline][P][f"mAP50-95({x})"] for pipeline in acc_mean
+             for kind, x in (("box", "B"), ("mask", "M"))}
+    return img_s, acc_mean, diffs
+
+
+def merge(files: list, out: Path) -> int:
+    """Combine result files made with the same settings and disjoint seeds into ``out``; means, ratios and the
+    seed statistics are recomputed over all runs, inference and machine are the first file's."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    for f, d in zip(files[1:], docs[1:]):
+        diff = {k: (docs[0]["settings"].get(k), d["settings"].get(k)) for k in SAME_SETTINGS
+                if docs[0]["settings"].get(k) != d["settings"].get(k)}
+        if diff:
+            raise SystemExit(f"--merge: settings of {f} differ from {files[0]}'s (first, this): {diff}")
+    seeds = [r["seed"] for d in docs for r in d["runs"]]
+    if len(seeds) != len(set(seeds)):
+        raise SystemExit(f"--merge: a seed appears twice: {sorted(seeds)}")
+    runs = sorted((r for d in docs for r in d["runs"]), key=lambda r: r["seed"])
+    first, infer = docs[0], docs[0]["inference"]
+    img_s, acc_mean, acc_ratios = run_means(runs)
+    ratios = {**first["ratios"], "train_img_per_s": img_s[V] / img_s[P], **acc_ratios}
+    stats = seed_statistics(runs)
+    result = {**first, "settings": {**first["settings"], "seeds": [r["seed"] for r in runs], "out": str(out)},
+              "merged_from": [{"file": Path(f).name, "seeds": [r["seed"] for r in d["runs"]]}
+                              for f, d in zip(files, docs)],
+              "code": [c for d in docs for c in d.get("code", [])], "runs": runs,
+              "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean, "inference": infer,
+              "ratios": ratios, "seed_statistics": stats}
+    for pipeline, sides in acc_mean.items():
+        for side, s in sides.items():
+            print(f"mean over {len(runs)} seeds, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
+                  f"{s['mAP50-95(B)']:.4f}  mask mAP50-95 {s['mAP50-95(M)']:.4f}")
+    print(f"training {ratios['train_img_per_s']:.3f}x (median img/s over seeds: {img_s[V]:.2f} vs {img_s[P]:.2f})")
+    print_statistics(stats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {out}")
+    return 0
+
+
 def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
     """Means over all runs so far (earlier file's and this invocation's), printed and written to ``args.out``:
     called after every seed, so a long ``--seeds`` list that is stopped keeps what it finished."""
@@ -489,18 +543,11 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
 
     runs = (old["runs"] if old else []) + new_runs
     seeds = [r["seed"] for r in runs]
-    img_s = {side: statistics.median(r["train"][side]["img_per_s"] for r in runs) for side in (V, P)}
-    acc_mean = {pipeline: {side: {k: statistics.mean(r["accuracy"][pipeline][side][k] for r in runs)
-                                  for k in runs[0]["accuracy"][pipeline][side] if not k.startswith("per_class")}
-                         for side in (V, P)}
-                for pipeline in runs[0]["accuracy"]}
+    img_s, acc_mean, acc_ratios = run_means(runs)
     ratios = {"train_img_per_s": img_s[V] / img_s[P],
               "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
               "inference_speed_unfused": infer[f"{P} unfused (info)"]["ms_median"]
-              / infer[f"{V} unfused (info)"]["ms_median"],
-              **{f"{kind}_map_minus_peer_{pipeline}": acc_mean[pipeline][V][f"mAP50-95({x})"]
-                 - acc_mean[pipeline][P][f"mAP50-95({x})"] for pipeline in acc_mean
-                 for kind, x in (("box", "B"), ("mask", "M"))}}
+              / infer[f"{V} unfused (info)"]["ms_median"], **acc_ratios}
     for pipeline, sides in acc_mean.items():
         for side, s in sides.items():
             print(f"mean over seeds {seeds}, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
