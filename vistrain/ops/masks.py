@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-CHUNK = 32  # masks upsampled at once (memory: CHUNK x H x W floats)
 
 
 def crop_to_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -18,29 +19,68 @@ def crop_to_boxes(masks: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return masks * ((cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2))
 
 
+def bilinear_weights(n_out: int, n_in: int) -> torch.Tensor:
+    """``Tensor[n_out, n_in]``: the weights by which ``F.interpolate(..., mode="bilinear",
+    align_corners=False)`` makes each of ``n_out`` samples from ``n_in`` along one axis (taken from torch
+    itself: the interpolation of the unit vectors)."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(0)  # [1, n_in channels, n_in]: channel c is unit vector c
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _axis(n_proto: int, n_input: int, start: int = 0, n_used: int | None = None, n_out: int | None = None):
+    """One axis of the upsampling: prototypes -> input (-> the part ``start:start + n_used`` resized to
+    ``n_out``) as one ``ndarray[n_out, n_proto]`` (float32), with each row's first and last nonzero column."""
+    w = bilinear_weights(n_input, n_proto)
+    if n_out is not None:
+        w = bilinear_weights(n_out, n_used) @ w[start:start + n_used]
+    nz = (w != 0).numpy()
+    first = nz.argmax(1)
+    last = w.shape[1] - 1 - nz[:, ::-1].argmax(1)
+    return w.float().numpy(), first, last
+
+
+def _span(lo: float, hi: float, n: int) -> tuple[int, int]:
+    """The pixel indices ``i`` with ``lo <= i < hi`` and ``0 <= i < n`` as ``range(a, b)`` bounds."""
+    a = min(max(math.ceil(lo), 0), n) if math.isfinite(lo) else (0 if lo < 0 else n)
+    b = min(max(math.ceil(hi), 0), n) if math.isfinite(hi) else (n if hi > 0 else 0)
+    return a, max(a, b)
+
+
 def masks_from_protos(coef: torch.Tensor, proto: torch.Tensor, boxes: torch.Tensor, input_hw: tuple[int, int],
                       ratio_pad: tuple | None = None, orig_hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """Masks of ``K`` detections -> bool ``Tensor[K, H, W]``.
+    """Masks of ``K`` detections -> bool ``Tensor[K, H, W]`` (on the CPU).
 
     ``coef (Tensor[K, nm])`` mask coefficients, ``proto (Tensor[nm, Hp, Wp])`` the image's prototypes,
     ``boxes (Tensor[K, 4])`` x1, y1, x2, y2 in pixels of the output size.  The mask logits
     ``coef @ proto`` are upsampled (bilinear) to ``input_hw``; with ``orig_hw`` and the letterbox's
     ``ratio_pad = ((rx, ry), (left, top))`` the padding is cut off and the rest resized to the original
-    image.  A pixel is in the mask when its logit is > 0 and it lies inside the detection's box.
+    image.  A pixel is in the mask when its logit is > 0 and it lies inside the detection's box (x1 <= j <
+    x2, y1 <= i < y2), which is all that is computed: bilinear upsampling is separable, so each detection's
+    logits inside its box are ``Ay[rows] @ M @ Ax[cols].T`` with the two (composed) interpolations' weight
+    matrices ``Ay``, ``Ax``, the same numbers as upsampling the whole image and cropping, up to float
+    rounding, for a fraction of the work.
     """
     h, w = orig_hw if orig_hw is not None else input_hw
-    out = torch.zeros(len(coef), h, w, dtype=torch.bool, device=proto.device)
+    out = np.zeros((len(coef), h, w), dtype=bool)
     if not len(coef):
-        return out
+        return torch.from_numpy(out)
     nm, hp, wp = proto.shape
-    for s in range(0, len(coef), CHUNK):
-        logits = (coef[s:s + CHUNK].float() @ proto.float().view(nm, -1)).view(-1, 1, hp, wp)
-        logits = F.interpolate(logits, size=tuple(input_hw), mode="bilinear", align_corners=False)
-        if orig_hw is not None:
-            (rx, ry), (left, top) = ratio_pad
-            top, left = int(round(top)), int(round(left))
-            uh, uw = max(1, round(h * ry)), max(1, round(w * rx))
-            logits = F.interpolate(logits[..., top:top + uh, left:left + uw], size=(h, w), mode="bilinear",
-                                   align_corners=False)
-        out[s:s + CHUNK] = crop_to_boxes(logits[:, 0] > 0, boxes[s:s + CHUNK].to(proto.device).float())
-    return out
+    if orig_hw is None:
+        (ay, y_first, y_last), (ax, x_first, x_last) = _axis(hp, h), _axis(wp, w)
+    else:
+        (rx, ry), (left, top) = ratio_pad
+        top, left = int(round(top)), int(round(left))
+        uh, uw = max(1, round(h * ry)), max(1, round(w * rx))
+        ay, y_first, y_last = _axis(hp, input_hw[0], top, uh, h)
+        ax, x_first, x_last = _axis(wp, input_hw[1], left, uw, w)
+    m = (coef.detach().float() @ proto.detach().float().reshape(nm, -1)).view(-1, hp, wp).cpu().numpy()
+    for k, (x1, y1, x2, y2) in enumerate(boxes.detach().float().cpu().tolist()):
+        r0, r1 = _span(y1, y2, h)
+        c0, c1 = _span(x1, x2, w)
+        if r1 == r0 or c1 == c0:
+            continue
+        p0, p1 = y_first[r0:r1].min(), y_last[r0:r1].max() + 1
+        q0, q1 = x_first[c0:c1].min(), x_last[c0:c1].max() + 1
+        logits = ay[r0:r1, p0:p1] @ m[k, p0:p1, q0:q1] @ ax[c0:c1, q0:q1].T
+        out[k, r0:r1, c0:c1] = logits > 0
+    return torch.from_numpy(out)
