@@ -30,6 +30,7 @@ from vistrain.nn.model import set_memory_format
 EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
 # keys a user may change when resuming; everything else comes from the interrupted run
 RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "workers", "plots", "verbose")
+RESULTS_PLOT_EVERY_S = 60.0  # results.png is redrawn after an epoch at most this often (about 1 s a time), and at the end
 
 
 def find_last_checkpoint(project: str | Path = "runs") -> Path:
@@ -321,10 +322,15 @@ class Trainer:
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.results().items())
         vloss = "  ".join(f"{n} {float(v):.4g}" for n, v in zip(self.task.loss_names, val_losses))
         LOGGER.info(f"{'val':>10}  {shown}  val {vloss}  ({self.train_speed:.1f} img/s train)")
-        if self.cfg["plots"]:
-            from vistrain.utils.plotting import plot_results
+        if self.cfg["plots"] and time.time() - getattr(self, "results_plotted_at", 0.0) >= RESULTS_PLOT_EVERY_S:
+            self.plot_results()
 
+    def plot_results(self) -> None:
+        from vistrain.utils.plotting import plot_results
+
+        if self.csv.exists():
             plot_results(self.csv)
+        self.results_plotted_at = time.time()
 
     @property
     def elapsed_before(self) -> float:
@@ -399,6 +405,7 @@ class Trainer:
         for line in self.task.report(metrics, self.names):
             LOGGER.info(line)
         if self.cfg["plots"]:
+            self.plot_results()
             self.task.plot_metrics(metrics, self.names, self.save_dir)
         LOGGER.info(f"Results saved to {self.save_dir}")
         self.run_callbacks("on_train_end")

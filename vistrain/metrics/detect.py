@@ -517,7 +517,7 @@ def to_rles(masks: Any) -> list[dict]:
         return list(masks)
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
-    masks = np.asarray(masks, dtype=np.uint8)
+    masks = masks.view(np.uint8) if isinstance(masks, np.ndarray) and masks.dtype == bool else np.asarray(masks, np.uint8)
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got shape {list(masks.shape)}")
     if not len(masks):
