@@ -76,12 +76,18 @@ def _masks_by_whole_image_upsampling(coef, proto, boxes, input_hw, ratio_pad=Non
     return (logits[:, 0] > 0) & (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
 
 
-@pytest.mark.parametrize("orig_hw", [None, (200, 333), (333, 200), (97, 61), (320, 320)])
-def test_masks_from_protos_equal_whole_image_upsampling(orig_hw):
-    """Only the pixels inside each box are computed (separable weights); the masks are those of upsampling
-    the whole image twice and cropping, boxes partly or wholly outside the image and empty ones included."""
+@pytest.mark.parametrize("pixel_cost", [None, 0.0, float("inf")], ids=["chosen", "whole-images", "boxes"])
+@pytest.mark.parametrize("orig_hw", [None, (200, 333), (333, 200), (97, 61), (320, 320), (640, 480)])
+def test_masks_from_protos_equal_whole_image_upsampling(orig_hw, pixel_cost, monkeypatch):
+    """Only the pixels inside each box are computed (separable weights), or whole images where that is
+    cheaper; either way the masks are those of upsampling the whole image twice and cropping, boxes partly
+    or wholly outside the image and empty ones included."""
     from vistrain.data.augment import letterbox
+    from vistrain.ops import masks
     from vistrain.ops.masks import masks_from_protos
+
+    if pixel_cost is not None:
+        monkeypatch.setattr(masks, "PIXEL_COST", pixel_cost)
 
     g = torch.Generator().manual_seed(5 if orig_hw is None else sum(orig_hw))
     input_hw = (320, 256) if orig_hw is None else (320, 320)
