@@ -202,7 +202,7 @@ def _swap_weights(best: dict, tmp: Path) -> dict:
     return {V: (best[V], ul_v), P: (ul_as_v, ul_own)}
 
 
-def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
+def accuracy(best: dict, data_root: Path, project: Path, args) -> tuple[dict, dict]:
     """Both checkpoints through both evaluation pipelines, every prediction list scored by pycocotools
     against vistrain's annotations.json, so that a difference in the input pipeline cannot pass for a
     difference in training (rect val batches padded by half a stride, as both validators do, score
@@ -210,6 +210,10 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
 
     - ``val``: ``vistrain val save_json=True`` (rect batches, pad 0.5 stride);
     - ``predict``: ultralytics' predictor per image (letterbox to imgsz, no padding), ``retina_masks``.
+
+    Also returned: per side, the loss of its weights on the validation split (box, seg, cls, dfl; vistrain's
+    loss, equal to ultralytics', over the ``val`` pipeline's batches), a far less noisy measure of how far
+    training got than the mAP of a run that has only just begun to detect.
     """
     import vistrain
     from pycocotools import mask as mask_utils
@@ -217,11 +221,13 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
     weights = _swap_weights(best, project)
     data_yaml = str(data_root / "segment" / "data.yaml")
     scores: dict[str, dict] = {"val": {}, "predict": {}}
+    losses: dict[str, dict] = {}
     for side, (v_pt, model) in weights.items():
         with quiet(args.show_progress):
             res = vistrain.val(model=str(v_pt), data=data_yaml, save_json=True, conf=0.001, iou=IOU, device=args.device,
                                imgsz=args.imgsz, batch=args.batch, workers=args.workers, project=str(project),
                                name=f"val-{side}", exist_ok=True)
+        losses[side] = {k.split("/")[1]: float(v) for k, v in res.items() if k.startswith("val/")}
         out_dir = Path(res["save_dir"])
         annotations = out_dir / "annotations.json"
         scores["val"][side] = cocoeval(annotations, json.loads((out_dir / "predictions.json").read_text()))
@@ -240,7 +246,7 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> dict:
                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                   "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}})
         scores["predict"][side] = cocoeval(annotations, preds)
-    return scores
+    return scores, losses
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -393,6 +399,42 @@ def previous_runs(args) -> dict | None:
     return old
 
 
+def results_csv(path: Path) -> dict:
+    """A run's ``results.csv`` (vistrain's or ultralytics', the same column names) as ``{column: [per epoch]}``
+    for the loss columns (train/..., val/...), ``{}`` when it is missing."""
+    import csv
+
+    if not path.exists():
+        return {}
+    rows = list(csv.DictReader(path.open()))
+    cols = [c for c in (rows[0] if rows else {}) if c.strip().startswith(("train/", "val/"))]
+    return {c.strip(): [float(r[c]) for r in rows] for c in cols}
+
+
+def loss_statistics(runs: list) -> dict:
+    """Per loss term, over the runs that recorded ``val_losses``: each side's mean, vistrain - ultralytics
+    and its standard error (Welch; unpaired, as for mAP), and the difference as a share of ultralytics' mean."""
+    import math
+
+    runs = [r for r in runs if r.get("val_losses")]
+    out = {}
+    for k in (runs[0]["val_losses"][V] if runs else {}):
+        v, u = ([r["val_losses"][side][k] for r in runs] for side in (V, P))
+        diff = statistics.mean(v) - statistics.mean(u)
+        se = math.sqrt(statistics.variance(v) / len(v) + statistics.variance(u) / len(u)) if len(v) > 1 else None
+        out[k] = {V: statistics.mean(v), P: statistics.mean(u), "diff": diff, "se": se,
+                  "relative": diff / statistics.mean(u), "sd": [statistics.stdev(x) if len(x) > 1 else None
+                                                               for x in (v, u)], "seeds": len(v)}
+    return out
+
+
+def print_loss_statistics(stats: dict) -> None:
+    for k, s in stats.items():
+        se = f", standard error {s['se']:.4f}" if s["se"] else ""
+        print(f"val {k:<9} (lower is better) vistrain {s[V]:.4f}, ultralytics {s[P]:.4f}: {s['diff']:+.4f} "
+              f"({100 * s['relative']:+.1f}%{se}) over {s['seeds']} seeds", flush=True)
+
+
 def seed_statistics(runs: list) -> dict:
     """Per pipeline and metric: vistrain - ultralytics mean mAP50-95 over the seeds, its standard error (Welch),
     the two-sided p-value of a permutation test of that difference (seeds are unpaired: a seed means different
@@ -425,7 +467,9 @@ def print_statistics(stats: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
-        print_statistics(seed_statistics(json.loads(args.out.read_text())["runs"]))
+        runs = json.loads(args.out.read_text())["runs"]
+        print_statistics(seed_statistics(runs))
+        print_loss_statistics(loss_statistics(runs))
         return 0
     if args.merge:
         return merge(args.merge, args.out)
@@ -468,7 +512,11 @@ def main(argv=None) -> int:
                 print(f"  seed {seed}: train {side:<12} {clock['img_per_s']:6.2f} img/s (epochs after the first; "
                       f"wall {time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% "
                       f"CPU, accumulate {info['accumulate']}); its own val: {info['own']}", flush=True)
-            acc = accuracy(best, root, tmp / f"runs-seed{seed}", args)
+            acc, val_losses = accuracy(best, root, tmp / f"runs-seed{seed}", args)
+            for side in (V, P):
+                train[side]["curves"] = results_csv(Path(best[side]).parent.parent / "results.csv")
+                print(f"  seed {seed}: val loss of {side:<12} " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in val_losses[side].items()), flush=True)
             for pipeline, sides in acc.items():
                 for side, s in sides.items():
                     print(f"  seed {seed}: pycocotools, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
@@ -477,7 +525,7 @@ def main(argv=None) -> int:
                     per_class = s.get("per_class_mAP50-95(B)") or {}
                     print(f"  seed {seed}: {'':<12} {pipeline:<7} {side:<12} box mAP50-95 per class: "
                           + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in per_class.items()), flush=True)
-            runs.append({"seed": seed, "train": train, "accuracy": acc})
+            runs.append({"seed": seed, "train": train, "accuracy": acc, "val_losses": val_losses})
             if infer is None:
                 infer = inference(best, root, args)
                 for side, s in infer.items():
@@ -523,13 +571,14 @@ def merge(files: list, out: Path) -> int:
                               for f, d in zip(files, docs)],
               "code": [c for d in docs for c in d.get("code", [])], "runs": runs,
               "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean, "inference": infer,
-              "ratios": ratios, "seed_statistics": stats}
+              "ratios": ratios, "seed_statistics": stats, "val_loss_statistics": loss_statistics(runs)}
     for pipeline, sides in acc_mean.items():
         for side, s in sides.items():
             print(f"mean over {len(runs)} seeds, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
                   f"{s['mAP50-95(B)']:.4f}  mask mAP50-95 {s['mAP50-95(M)']:.4f}")
     print(f"training {ratios['train_img_per_s']:.3f}x (median img/s over seeds: {img_s[V]:.2f} vs {img_s[P]:.2f})")
     print_statistics(stats)
+    print_loss_statistics(result["val_loss_statistics"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {out}")
@@ -559,6 +608,8 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
           f"(targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
     stats = seed_statistics(runs)
     print_statistics(stats)
+    loss_stats = loss_statistics(runs)
+    print_loss_statistics(loss_stats)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["seeds"] = seeds
     out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics "
@@ -566,7 +617,7 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
            "settings": settings, "code": (old.get("code", [{"commit": None, "seeds": old["settings"]["seeds"]}])
                                           if old else []) + [{**code_version(), "seeds": [r["seed"] for r in new_runs]}],
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
-           "inference": infer, "ratios": ratios, "seed_statistics": stats,
+           "inference": infer, "ratios": ratios, "seed_statistics": stats, "val_loss_statistics": loss_stats,
            "load_after": load1(),
            "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "ultralytics": ultralytics.__version__}}
