@@ -253,3 +253,25 @@ def test_bad_input_raises():
     metrics.update(torch.zeros(0, 6), torch.zeros(0, 4), torch.zeros(0), image_id="7")
     metrics.update(torch.zeros(0, 6), torch.zeros(0, 4), torch.zeros(0), image_id=7)  # duplicate: renamed
     assert [im["id"] for im in metrics.images] == [7, "7_2"]
+
+
+def test_to_rles_equal_pycocotools_encode():
+    """to_rles scans only the columns between a mask's first and last nonzero one; the RLEs are pycocotools'
+    own: empty and full masks, single pixels in the corners, masks touching the first or last column."""
+    from vistrain.metrics.detect import to_rles
+
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        h, w = (int(v) for v in rng.integers(1, 24, 2))
+        m = np.zeros((8, h, w), bool)
+        m[1] = True
+        m[2, 0, 0] = m[3, h - 1, w - 1] = m[4, h - 1, 0] = True
+        m[5] = rng.random((h, w)) < 0.5
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        y1, x1 = rng.integers(y0, h + 1), rng.integers(x0, w + 1)
+        m[6, y0:y1, x0:x1] = True
+        m[7, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.3
+        m = m[rng.permutation(8)[: rng.integers(0, 9)]]  # 0..8 of them, in any order
+        got = to_rles(torch.from_numpy(m))
+        ref = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8))) if len(m) else []
+        assert [(list(r["size"]), r["counts"]) for r in got] == [(list(r["size"]), r["counts"]) for r in ref], (h, w)

@@ -84,7 +84,7 @@ def test_masks_from_protos_equal_whole_image_upsampling(orig_hw, pixel_cost, mon
     or wholly outside the image and empty ones included."""
     from vistrain.data.augment import letterbox
     from vistrain.ops import masks
-    from vistrain.ops.masks import masks_from_protos
+    from vistrain.ops.masks import box_pixels, masks_from_protos
 
     if pixel_cost is not None:
         monkeypatch.setattr(masks, "PIXEL_COST", pixel_cost)
@@ -110,3 +110,13 @@ def test_masks_from_protos_equal_whole_image_upsampling(orig_hw, pixel_cost, mon
     # ~ 4 million pixels here; on a real validation set 1 of 206 million mask pixels
     assert int((got != ref).sum()) <= 2, int((got != ref).sum())
     assert ref.sum() > 10000
+    # box_pixels bounds every mask (what validation relies on to skip masks that cannot meet a ground truth)
+    px = box_pixels(boxes, h, w)
+    for k in range(len(boxes)):
+        c0, r0, c1, r1 = px[k].tolist()
+        outside = ref[k].clone()
+        outside[max(r0, 0):max(r1, r0), max(c0, 0):max(c1, c0)] = False
+        assert not outside.any()
+    only = torch.rand(60, generator=g) < 0.5
+    some = masks_from_protos(coef, proto, boxes, input_hw, ratio_pad, orig_hw, only=only)
+    assert torch.equal(some[only], got[only]) and not some[~only].any()

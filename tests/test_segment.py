@@ -101,3 +101,65 @@ def test_box_only_dataset_refused_with_the_first_file(shapes, tmp_path):
     assert p.returncode == 2, p.stderr
     msg = p.stderr + p.stdout
     assert "Traceback" not in msg and "polygon" in msg and str(shapes / "detect" / "labels") in msg
+
+
+def test_val_skips_only_masks_that_cannot_meet_a_ground_truth(trained, monkeypatch):
+    """The wiring: validation without save_json leaves empty the masks whose box shares no pixel with any
+    ground-truth mask's bounding box, with save_json it makes every mask, and the metrics are the same.  (This
+    2-epoch model's masks hardly overlap anything; that a left-out mask cannot change a metric is shown by
+    the next test.)"""
+    from vistrain.ops import masks as masks_module
+
+    counted = {"skipped": 0, "masks": 0}
+    real = masks_module.masks_from_protos
+
+    def spy(coef, *args, only=None, **kwargs):
+        counted["masks"] += len(coef)
+        counted["skipped"] += 0 if only is None else int((~np.asarray(only, bool)).sum())
+        return real(coef, *args, only=only, **kwargs)
+
+    monkeypatch.setattr(masks_module, "masks_from_protos", spy)
+    best = Path(trained["save_dir"]) / "weights" / "best.pt"
+    kw = dict(model=str(best), workers=0, conf=0.001, plots=False, project=str(Path(trained["save_dir"]).parent),
+              exist_ok=True)
+    every = vistrain.val(save_json=True, name="val-every-mask", **kw)
+    assert counted["skipped"] == 0 and counted["masks"] > 0
+    some = vistrain.val(save_json=False, name="val-some-masks", **kw)
+    assert 0 < counted["skipped"] < counted["masks"]
+    keys = [k for k in every if k.startswith("metrics/")]
+    assert len(keys) == 8 and {k: every[k] for k in keys} == {k: some[k] for k in keys}
+
+
+def test_masks_left_out_of_validation_have_no_overlap_with_any_ground_truth():
+    """touches_masks (which masks validation computes) against pycocotools' mask IoU: a box it leaves out,
+    filled completely, overlaps no ground-truth mask, including boxes that end exactly at a mask's edge."""
+    from pycocotools import mask as mask_utils
+
+    from vistrain.metrics.detect import mask_iou, to_rles
+    from vistrain.ops.masks import box_pixels
+    from vistrain.tasks.segment import polygon_rles, touches_masks
+
+    rng = np.random.default_rng(3)
+    h, w = 60, 80
+    left_out = kept_overlapping = 0
+    for _ in range(40):
+        centre = rng.uniform([5, 5], [w - 5, h - 5], (3, 1, 2))
+        polygons = list(centre + rng.uniform(-12, 12, (3, int(rng.integers(3, 7)), 2)))
+        gt = polygon_rles(polygons, h, w)
+        gx, gy, gw, gh = np.asarray(mask_utils.toBbox(gt)).T
+        boxes = rng.uniform(-10, 90, (30, 2))
+        boxes = np.concatenate((boxes, boxes + rng.uniform(0, 30, (30, 2))), 1)[:, [0, 1, 2, 3]]
+        k = rng.integers(0, len(gt), 6)  # boxes against a mask's right / left edge, just touching or not
+        edge = np.stack([gx[k] + gw[k] + np.array([0, 0, -0.99, -1.0, 0, 0]), gy[k], gx[k] + gw[k] + 5, gy[k] + gh[k]], 1)
+        edge[4:, 0], edge[4:, 2] = gx[k[4:]] - 5, gx[k[4:]] + np.array([0.0, 0.01])
+        boxes = torch.tensor(np.concatenate((boxes, edge)), dtype=torch.float32)
+        px = box_pixels(boxes, h, w)
+        masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+        for i, (c0, r0, c1, r1) in enumerate(px.tolist()):
+            masks[i, r0:max(r0, r1), c0:max(c0, c1)] = True
+        iou = mask_iou(to_rles(masks), gt)
+        touch = touches_masks(boxes, gt, h, w)
+        assert (iou[~touch] == 0).all()
+        left_out += int((~touch).sum())
+        kept_overlapping += int((iou[touch].max(1) > 0).sum())
+    assert left_out > 100 and kept_overlapping > 100

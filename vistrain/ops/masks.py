@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,11 @@ def bilinear_weights(n_out: int, n_in: int) -> torch.Tensor:
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
 def _axis(n_proto: int, n_input: int, start: int = 0, n_used: int | None = None, n_out: int | None = None):
     """One axis of the upsampling: prototypes -> input (-> the part ``start:start + n_used`` resized to
-    ``n_out``) as one ``Tensor[n_out, n_proto]`` (float32), with each row's first and last nonzero column."""
+    ``n_out``) as one ``Tensor[n_out, n_proto]`` (float32), with each row's first and last nonzero column.
+    Cached (read-only results): a validation set's images mostly share a few sizes and letterboxes."""
     w = bilinear_weights(n_input, n_proto)
     if n_out is not None:
         w = bilinear_weights(n_out, n_used) @ w[start:start + n_used]
@@ -53,8 +57,18 @@ def _span(lo: float, hi: float, n: int) -> tuple[int, int]:
 PIXEL_COST = 64.0
 
 
+def box_pixels(boxes, h: int, w: int) -> np.ndarray:
+    """The pixels a mask of each box may cover, as ``ndarray[K, 4]`` of half-open index ranges ``(c0, r0, c1,
+    r1)``: columns ``j`` with ``x1 <= j < x2`` and rows ``i`` with ``y1 <= i < y2`` inside the image (empty
+    ranges have ``c1 <= c0`` or ``r1 <= r0``; NaN boxes cover nothing)."""
+    b = np.asarray(boxes.detach().float().cpu() if isinstance(boxes, torch.Tensor) else boxes, np.float64).reshape(-1, 4)
+    lim = np.array([w, h, w, h], np.float64)
+    return np.nan_to_num(np.clip(np.ceil(b), 0, lim), nan=0).astype(np.int64)
+
+
 def masks_from_protos(coef: torch.Tensor, proto: torch.Tensor, boxes: torch.Tensor, input_hw: tuple[int, int],
-                      ratio_pad: tuple | None = None, orig_hw: tuple[int, int] | None = None) -> torch.Tensor:
+                      ratio_pad: tuple | None = None, orig_hw: tuple[int, int] | None = None,
+                      only: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
     """Masks of ``K`` detections -> bool ``Tensor[K, H, W]`` (on the CPU).
 
     ``coef (Tensor[K, nm])`` mask coefficients, ``proto (Tensor[nm, Hp, Wp])`` the image's prototypes,
@@ -69,8 +83,11 @@ def masks_from_protos(coef: torch.Tensor, proto: torch.Tensor, boxes: torch.Tens
     restricted to the band of prototype rows and columns they touch.  Large boxes, for which that costs
     more than resizing whole images, are upsampled whole and cropped.  Both give the same pixels up to
     float rounding (a logit within ~1e-6 of 0 may fall either way).
+
+    ``only`` (bool ``[K]``): compute just these masks and leave the others empty (validation skips the masks
+    that cannot overlap any ground truth).
     """
-    h, w = orig_hw if orig_hw is not None else input_hw
+    h, w = (int(v) for v in (orig_hw if orig_hw is not None else input_hw))
     out = torch.zeros(len(coef), h, w, dtype=torch.bool)
     if not len(coef):
         return out
@@ -87,7 +104,10 @@ def masks_from_protos(coef: torch.Tensor, proto: torch.Tensor, boxes: torch.Tens
     coef, proto = coef.detach().float(), proto.detach().float()
     m = (coef @ proto.reshape(nm, -1)).view(-1, hp, wp).cpu()
     large = []
+    skip = None if only is None else (~np.asarray(only, bool)).tolist()
     for k, (x1, y1, x2, y2) in enumerate(boxes.detach().float().cpu().tolist()):
+        if skip is not None and skip[k]:
+            continue
         r0, r1 = _span(y1, y2, h)
         c0, c1 = _span(x1, x2, w)
         if r1 == r0 or c1 == c0:

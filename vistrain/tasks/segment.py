@@ -28,6 +28,23 @@ def polygon_rles(polygons: list[np.ndarray], h: int, w: int) -> list[dict]:
     return out
 
 
+def touches_masks(boxes: torch.Tensor, rles: list[dict], h: int, w: int) -> np.ndarray:
+    """bool ``ndarray[K]``: which boxes (x1, y1, x2, y2 in pixels of the ``h`` x ``w`` image) share a pixel
+    (``box_pixels``, the pixels their masks may cover) with the bounding box of any of the masks ``rles``."""
+    from pycocotools import mask as mask_utils
+
+    from vistrain.ops.masks import box_pixels
+
+    px = box_pixels(boxes, h, w)
+    if not len(rles) or not len(px):
+        return np.zeros(len(px), bool)
+    g = np.asarray(mask_utils.toBbox(rles), np.float64).reshape(-1, 4)  # x, y, width, height of the mask's pixels
+    g = g[(g[:, 2] > 0) & (g[:, 3] > 0)]
+    gx0, gy0, gx1, gy1 = g[:, 0], g[:, 1], g[:, 0] + g[:, 2], g[:, 1] + g[:, 3]
+    c0, r0, c1, r1 = (px[:, i, None] for i in range(4))
+    return ((c0 < gx1) & (gx0 < c1) & (r0 < gy1) & (gy0 < r1)).any(1)
+
+
 def mask_polygon(mask: np.ndarray) -> np.ndarray:
     """The outline of a mask's largest region -> ``ndarray[K, 2]`` (x, y) pixel coordinates (``[0, 2]`` if empty)."""
     import cv2
@@ -86,14 +103,18 @@ class SegmentTask(DetectTask):
     def loss(self, preds, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(preds, batch["targets"], batch["masks"])
 
-    def masks_for(self, det: torch.Tensor, proto: torch.Tensor, input_hw, ratio_pad, orig_hw) -> torch.Tensor:
+    def masks_for(self, det: torch.Tensor, proto: torch.Tensor, input_hw, ratio_pad, orig_hw,
+                  gt_rles: list[dict] | None = None) -> torch.Tensor:
         """bool ``Tensor[K, h0, w0]``: the masks of ``det`` (rows with mask coefficients after column 6, boxes
-        in input pixels) at the original image size."""
+        in input pixels) at the original image size.  With ``gt_rles`` (for metrics only), a mask whose box
+        shares no pixel with any ground-truth mask's bounding box is left empty: its IoU with every ground
+        truth is 0 either way."""
         from vistrain.data.augment import scale_boxes_back
         from vistrain.ops.masks import masks_from_protos
 
         boxes = torch.as_tensor(scale_boxes_back(det[:, :4].detach().float().cpu().numpy(), *ratio_pad, orig_hw))
-        return masks_from_protos(det[:, 6:], proto, boxes, input_hw, ratio_pad, orig_hw).cpu()
+        only = None if gt_rles is None else touches_masks(boxes, gt_rles, *orig_hw)
+        return masks_from_protos(det[:, 6:], proto, boxes, input_hw, ratio_pad, orig_hw, only=only).cpu()
 
     # --- metrics --------------------------------------------------------------------------
     def new_metrics(self, names: list[str]):
@@ -106,15 +127,18 @@ class SegmentTask(DetectTask):
 
         dets = self.postprocess(preds, self.nms_settings(self.cfg, "val"))
         input_hw = tuple(batch["img"].shape[2:])
+        all_masks = bool(self.cfg.get("save_json"))  # predictions.json holds every mask
         for i, det in enumerate(dets):
             h0, w0 = batch["ori_shape"][i]
-            masks = self.masks_for(det, preds[2][i], input_hw, batch["ratio_pad"][i], (h0, w0))
+            gt = batch["ori_labels"][i]
+            gt_rles = polygon_rles(gt["segments"], h0, w0)
+            masks = self.masks_for(det, preds[2][i], input_hw, batch["ratio_pad"][i], (h0, w0),
+                                   gt_rles=None if all_masks else gt_rles)
             box = det[:, :6].detach().float().cpu().clone()
             box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), *batch["ratio_pad"][i], (h0, w0)))
-            gt = batch["ori_labels"][i]
-            metrics.update(box, masks, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["cls"]),
-                           polygon_rles(gt["segments"], h0, w0), image_id=Path(batch["im_file"][i]).stem,
-                           image_size=(w0, h0), file_name=batch["im_file"][i])
+            metrics.update(box, masks, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["cls"]), gt_rles,
+                           image_id=Path(batch["im_file"][i]).stem, image_size=(w0, h0),
+                           file_name=batch["im_file"][i])
 
     # --- plots --------------------------------------------------------------------------
     def plot_batch(self, batch: dict[str, Any], names: list[str], path: Path, preds: Any = None) -> None:
