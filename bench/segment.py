@@ -21,6 +21,10 @@ Reported (and written to ``bench/results/segment.json``), for each side:
    Conv+BN fused (vistrain's ``fuse=True`` default, ultralytics' predictor), and vistrain's weights NHWC
    (its ``channels_last=True`` default; ultralytics keeps NCHW).  Printed for information: the unfused
    pair, and vistrain fused but NCHW (the layout's share of the difference).  Round robin, medians.
+4. Validation loss (box, seg, cls, dfl) of each side's ``best`` weights, computed by the same code on the same
+   batches (the ``val`` pipeline's), and each side's per-epoch loss curves from its ``results.csv`` (each
+   side's own validator: their validation batches differ, 16 vs 32 images, so the two curves' levels are not
+   comparable with each other).  ``--report`` compares the losses too.
 
 Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
 augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and

@@ -9,6 +9,7 @@ vistrain's validation mAP50-95 (box, mask) for each seed, next to the same run o
     .venv/bin/python bench/segment_data_swap.py --seeds 0,3       # ~8 min per seed and pipeline, 2 cores
     .venv/bin/python bench/segment_data_swap.py --seeds 0,1,2 --batches ultralytics   # only ultralytics' batches
     .venv/bin/python bench/segment_data_swap.py --quick            # smoke run (60 images, 1 epoch, 128 px)
+    .venv/bin/python bench/segment_data_swap.py --stop-after 2     # the first 2 epochs only, validation losses by epoch
 
 Two more arms split the pipeline further (``--batches``, comma-separated, any of the four):
 
@@ -175,13 +176,21 @@ def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict
     cfg = get_config(overrides)
     cfg["_user_keys"] = sorted(overrides)
     torch.set_num_threads(args.threads)
+    trainer = SwapTrainer(cfg)
+    if args.stop_after:  # the first epochs of the --epochs schedule only
+
+        def stop(tr):
+            tr.stop = tr.stop or tr.epoch + 1 >= args.stop_after
+
+        trainer.add_callback("on_epoch_end", stop)
     with quiet(args.show_progress), convention(batches):
-        res = SwapTrainer(cfg).train()
-    curve = []  # box mAP50-95 of vistrain's validation after each epoch
+        res = trainer.train()
+    curve, losses = [], []  # box mAP50-95 and the validation losses of vistrain's validation after each epoch
     with open(Path(res["save_dir"]) / "results.csv") as f:
         for row in csv.DictReader(f):
             curve.append(round(float(row["metrics/mAP50-95(B)"]), 4))
-    return {**{k: float(v) for k, v in res.items() if "mAP50-95" in k}, "curve": curve}
+            losses.append({k.split("/")[1]: round(float(v), 4) for k, v in row.items() if k.startswith("val/")})
+    return {**{k: float(v) for k, v in res.items() if "mAP50-95" in k}, "curve": curve, "val_losses": losses}
 
 
 def main(argv=None) -> int:
@@ -196,6 +205,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0])
     p.add_argument("--batches", default="ultralytics,vistrain",
                    help="which pipelines' batches to train on, comma-separated (default both)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many epochs of the --epochs schedule (every run prints its validation "
+                        "losses by epoch; after 1-2 epochs, before learning takes off, they do not separate the "
+                        "pipelines)")
     p.add_argument("--show-progress", action="store_true")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -215,10 +228,11 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for batches in args.batches.split(","):
                 res = train(root / "segment" / "data.yaml", seed, batches, tmp / "runs", args)
-                curve = res.pop("curve")
+                curve, losses = res.pop("curve"), res.pop("val_losses")
                 print(f"seed {seed}: vistrain trainer on {batches:<11} batches: " + json.dumps(
                     {k.split("/")[-1]: round(v, 4) for k, v in res.items()}) + f"; box mAP50-95 by epoch {curve}",
                     flush=True)
+                print(f"seed {seed}: {batches}: validation losses by epoch " + json.dumps(losses), flush=True)
     return 0
 
 
