@@ -216,8 +216,8 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> tuple[dict, di
     - ``predict``: ultralytics' predictor per image (letterbox to imgsz, no padding), ``retina_masks``.
 
     Also returned: per side, the loss of its weights on the validation split (box, seg, cls, dfl; vistrain's
-    loss, equal to ultralytics', over the ``val`` pipeline's batches), a far less noisy measure of how far
-    training got than the mAP of a run that has only just begun to detect.
+    loss, equal to ultralytics', over the ``val`` pipeline's batches): a measure of how far training got that
+    spreads less from seed to seed (5-10% of its mean) than the mAP of a run just begun to detect (~30%).
     """
     import vistrain
     from pycocotools import mask as mask_utils
@@ -405,13 +405,14 @@ def previous_runs(args) -> dict | None:
 
 def results_csv(path: Path) -> dict:
     """A run's ``results.csv`` (vistrain's or ultralytics', the same column names) as ``{column: [per epoch]}``
-    for the loss columns (train/..., val/...), ``{}`` when it is missing."""
+    for the loss and metric columns (train/..., val/..., metrics/...: each side's own validator, from which
+    it chose its ``best`` epoch), ``{}`` when it is missing."""
     import csv
 
     if not path.exists():
         return {}
     rows = list(csv.DictReader(path.open()))
-    cols = [c for c in (rows[0] if rows else {}) if c.strip().startswith(("train/", "val/"))]
+    cols = [c for c in (rows[0] if rows else {}) if c.strip().startswith(("train/", "val/", "metrics/"))]
     return {c.strip(): [float(r[c]) for r in rows] for c in cols}
 
 
