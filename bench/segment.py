@@ -253,6 +253,23 @@ def accuracy(best: dict, data_root: Path, project: Path, args) -> tuple[dict, di
     return scores, losses
 
 
+def last_losses(best: dict, data_root: Path, project: Path, args) -> dict:
+    """Per side, the validation loss (as in :func:`accuracy`) of its ``last`` weights (the final epoch's EMA), beside
+    ``best``'s: ``best`` is whichever epoch its own validator scored highest, which adds the noise of that choice."""
+    import vistrain
+
+    last = {side: Path(p).with_name("last.pt") for side, p in best.items()}
+    weights = _swap_weights(last, project / "last")
+    losses = {}
+    for side, (v_pt, _) in weights.items():
+        with quiet(args.show_progress):
+            res = vistrain.val(model=str(v_pt), data=str(data_root / "segment" / "data.yaml"), conf=0.001, iou=IOU,
+                               device=args.device, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
+                               project=str(project), name=f"val-last-{side}", exist_ok=True, plots=False)
+        losses[side] = {k.split("/")[1]: float(v) for k, v in res.items() if k.startswith("val/")}
+    return losses
+
+
 # ---------------------------------------------------------------------------------------------- inference
 def inference(best: dict, data_root: Path, args) -> dict:
     from ultralytics import YOLO
@@ -416,15 +433,16 @@ def results_csv(path: Path) -> dict:
     return {c.strip(): [float(r[c]) for r in rows] for c in cols}
 
 
-def loss_statistics(runs: list) -> dict:
-    """Per loss term, over the runs that recorded ``val_losses``: each side's mean, vistrain - ultralytics
-    and its standard error (Welch; unpaired, as for mAP), and the difference as a share of ultralytics' mean."""
+def loss_statistics(runs: list, key: str = "val_losses") -> dict:
+    """Per loss term, over the runs that recorded ``key`` (``val_losses``: best weights; ``val_losses_last``: last):
+    each side's mean, vistrain - ultralytics and its standard error (Welch; unpaired, as for mAP), and the
+    difference as a share of ultralytics' mean."""
     import math
 
-    runs = [r for r in runs if r.get("val_losses")]
+    runs = [r for r in runs if r.get(key)]
     out = {}
-    for k in (runs[0]["val_losses"][V] if runs else {}):
-        v, u = ([r["val_losses"][side][k] for r in runs] for side in (V, P))
+    for k in (runs[0][key][V] if runs else {}):
+        v, u = ([r[key][side][k] for r in runs] for side in (V, P))
         diff = statistics.mean(v) - statistics.mean(u)
         se = math.sqrt(statistics.variance(v) / len(v) + statistics.variance(u) / len(u)) if len(v) > 1 else None
         out[k] = {V: statistics.mean(v), P: statistics.mean(u), "diff": diff, "se": se,
@@ -433,10 +451,10 @@ def loss_statistics(runs: list) -> dict:
     return out
 
 
-def print_loss_statistics(stats: dict) -> None:
+def print_loss_statistics(stats: dict, weights: str = "best") -> None:
     for k, s in stats.items():
         se = f", standard error {s['se']:.4f}" if s["se"] else ""
-        print(f"val {k:<9} (lower is better) vistrain {s[V]:.4f}, ultralytics {s[P]:.4f}: {s['diff']:+.4f} "
+        print(f"val {k:<9} of {weights:<4} (lower is better) vistrain {s[V]:.4f}, ultralytics {s[P]:.4f}: {s['diff']:+.4f} "
               f"({100 * s['relative']:+.1f}%{se}) over {s['seeds']} seeds", flush=True)
 
 
@@ -475,6 +493,7 @@ def main(argv=None) -> int:
         runs = json.loads(args.out.read_text())["runs"]
         print_statistics(seed_statistics(runs))
         print_loss_statistics(loss_statistics(runs))
+        print_loss_statistics(loss_statistics(runs, "val_losses_last"), "last")
         return 0
     if args.merge:
         return merge(args.merge, args.out)
@@ -518,10 +537,12 @@ def main(argv=None) -> int:
                       f"wall {time.time() - t0:.0f} s, other processes {100 * (clock['other_cpu_share'] or 0):.0f}% "
                       f"CPU, accumulate {info['accumulate']}); its own val: {info['own']}", flush=True)
             acc, val_losses = accuracy(best, root, tmp / f"runs-seed{seed}", args)
+            val_losses_last = last_losses(best, root, tmp / f"runs-seed{seed}", args)
             for side in (V, P):
                 train[side]["curves"] = results_csv(Path(best[side]).parent.parent / "results.csv")
-                print(f"  seed {seed}: val loss of {side:<12} " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in val_losses[side].items()), flush=True)
+                for w, losses in (("best", val_losses), ("last", val_losses_last)):
+                    print(f"  seed {seed}: val loss of {side:<12} {w:<4} " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in losses[side].items()), flush=True)
             for pipeline, sides in acc.items():
                 for side, s in sides.items():
                     print(f"  seed {seed}: pycocotools, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
@@ -530,7 +551,8 @@ def main(argv=None) -> int:
                     per_class = s.get("per_class_mAP50-95(B)") or {}
                     print(f"  seed {seed}: {'':<12} {pipeline:<7} {side:<12} box mAP50-95 per class: "
                           + ", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in per_class.items()), flush=True)
-            runs.append({"seed": seed, "train": train, "accuracy": acc, "val_losses": val_losses})
+            runs.append({"seed": seed, "train": train, "accuracy": acc, "val_losses": val_losses,
+                         "val_losses_last": val_losses_last})
             if infer is None:
                 infer = inference(best, root, args)
                 for side, s in infer.items():
@@ -576,7 +598,8 @@ def merge(files: list, out: Path) -> int:
                               for f, d in zip(files, docs)],
               "code": [c for d in docs for c in d.get("code", [])], "runs": runs,
               "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean, "inference": infer,
-              "ratios": ratios, "seed_statistics": stats, "val_loss_statistics": loss_statistics(runs)}
+              "ratios": ratios, "seed_statistics": stats, "val_loss_statistics": loss_statistics(runs),
+              "val_loss_statistics_last": loss_statistics(runs, "val_losses_last")}
     for pipeline, sides in acc_mean.items():
         for side, s in sides.items():
             print(f"mean over {len(runs)} seeds, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
@@ -584,6 +607,7 @@ def merge(files: list, out: Path) -> int:
     print(f"training {ratios['train_img_per_s']:.3f}x (median img/s over seeds: {img_s[V]:.2f} vs {img_s[P]:.2f})")
     print_statistics(stats)
     print_loss_statistics(result["val_loss_statistics"])
+    print_loss_statistics(result["val_loss_statistics_last"], "last")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {out}")
@@ -613,8 +637,9 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
           f"(targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
     stats = seed_statistics(runs)
     print_statistics(stats)
-    loss_stats = loss_statistics(runs)
+    loss_stats, loss_stats_last = loss_statistics(runs), loss_statistics(runs, "val_losses_last")
     print_loss_statistics(loss_stats)
+    print_loss_statistics(loss_stats_last, "last")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["seeds"] = seeds
     out = {"benchmark": "yolov8n-seg from scratch on the built-in shapes: vistrain vs ultralytics "
@@ -623,7 +648,7 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
                                           if old else []) + [{**code_version(), "seeds": [r["seed"] for r in new_runs]}],
            "runs": runs, "train_img_per_s_median": img_s, "accuracy_pycocotools_mean": acc_mean,
            "inference": infer, "ratios": ratios, "seed_statistics": stats, "val_loss_statistics": loss_stats,
-           "load_after": load1(),
+           "val_loss_statistics_last": loss_stats_last, "load_after": load1(),
            "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "torch": torch.__version__, "ultralytics": ultralytics.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
