@@ -54,6 +54,26 @@ def test_state_dict_keys_and_shapes_equal_and_load_strictly(ul, name):
     assert sum(p.numel() for p in ours.parameters()) == n_theirs
 
 
+@pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg"])
+def test_same_seed_same_initial_weights(ul, name):
+    """A training seed gives the model ultralytics' trainer starts from with that seed, tensor for tensor (both
+    seed torch, then build the modules in the same order): the two sides of bench/segment.py start each seed
+    from the same weights, and a seed's runs differ only in the training code and its data draws."""
+    from ultralytics.utils import RANK
+    from ultralytics.utils.torch_utils import init_seeds as ul_init_seeds
+
+    from vistrain.engine.utils import init_seeds
+
+    for seed in (0, 7):
+        ul_init_seeds(seed + 1 + RANK)  # as its BaseTrainer seeds (RANK -1 outside DDP)
+        theirs = ul.build(name, 6).state_dict()
+        init_seeds(seed)
+        ours = vistrain.build_model(name, num_classes=6).state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not torch.equal(ours["model.0.conv.weight"], _pair(ul, name, 6)[1].state_dict()["model.0.conv.weight"])
+
+
 @pytest.mark.parametrize("name", ["yolov8n", "yolov8n-seg", "yolov8s", "yolov8s-seg"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_raw_outputs_equal(ul, name, mode):
