@@ -23,8 +23,9 @@ Reported (and written to ``bench/results/segment.json``), for each side:
    pair, and vistrain fused but NCHW (the layout's share of the difference).  Round robin, medians.
 4. Validation loss (box, seg, cls, dfl) of each side's ``best`` and ``last`` weights, computed by the same code on
    the same batches (the ``val`` pipeline's), and each side's per-epoch loss curves from its ``results.csv`` (each
-   side's own validator: their validation batches differ, 16 vs 32 images, so the two curves' levels are not
-   comparable with each other).  ``--report`` compares the losses too.
+   side's own validator; both validate in batches of 2 x batch during training, as ultralytics does, since vistrain
+   adopted it; in runs before that vistrain's were 16 images against ultralytics' 32, and the loss is normalised
+   per batch, so those curves' levels are not comparable with each other).  ``--report`` compares the losses too.
 
 Both sides train with their shipped defaults (optimizer auto, SGD/AdamW choice, lr, warmup, EMA,
 augmentation, close_mosaic 10 or fewer on short runs), with the same data, epochs, imgsz, batch, workers and

@@ -45,6 +45,26 @@ def test_detect_run_folder(trained):
     assert 0.0 <= trained["metrics/mAP50-95(B)"] <= trained["metrics/mAP50(B)"] <= 1.0
 
 
+def test_training_validates_in_double_batches_that_val_reproduces(trained, shapes):
+    """As ultralytics, validation during training runs in batches of 2 x batch (8 here); ``vistrain val`` of the
+    last epoch's weights at that batch gives the losses and mAP the run logged for that epoch, and in smaller
+    batches (other rectangular batches, each padded to its own shape; the loss normalised per batch) others."""
+    import csv
+
+    run = Path(trained["save_dir"])
+    last = list(csv.DictReader((run / "results.csv").open()))[-1]
+    data = str(shapes / "detect" / "data.yaml")
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = {b: vistrain.val(model=str(run / "weights" / "last.pt"), data=data, imgsz=96, batch=b, workers=0,
+                               project=str(run.parent), name=f"val-b{b}", exist_ok=True, plots=False, verbose=False)
+               for b in (16, 2)}
+    keys = [k for k in last if k.startswith("val/")] + ["metrics/mAP50(B)", "metrics/mAP50-95(B)"]
+    assert len(keys) == 5
+    for k in keys:
+        assert res[16][k] == pytest.approx(float(last[k]), rel=1e-4, abs=1e-6), k
+    assert any(abs(res[2][k] - float(last[k])) > 1e-3 * abs(float(last[k])) for k in keys if k.startswith("val/"))
+
+
 def test_val_save_json_matches_pycocotools(trained, shapes):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

@@ -26,6 +26,7 @@ from vistrain.engine.run import build_run_model, get_task_for, prepare_run, publ
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
 from vistrain.engine.validator import make_loader, run_validation
 from vistrain.nn.model import set_memory_format
+from vistrain.tasks.base import val_batch_size
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
 # keys a user may change when resuming; everything else comes from the interrupted run
@@ -100,8 +101,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.train_loader = self.make_train_loader()
-        self.val_loader = make_loader(self.data.val, self.task, cfg["batch"], cfg["workers"], shuffle=False,
-                                      device=self.device)
+        self.val_loader = make_loader(self.data.val, self.task, val_batch_size(cfg, training=True), cfg["workers"],
+                                      shuffle=False, device=self.device)
         self.epochs = cfg["epochs"]
         self.batch_size = self.train_loader.batch_size
         self.accumulate = max(round(cfg["nbs"] / self.batch_size), 1)

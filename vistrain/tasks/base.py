@@ -28,6 +28,12 @@ class DataBundle:
     source: str = ""
 
 
+def val_batch_size(cfg: dict, training: bool) -> int:
+    """Images per validation batch: ``2 x batch`` during training (as ultralytics: no gradients, so twice the
+    training batch fits), ``batch`` for ``vistrain val``.  Rectangular validation batches are shaped for it."""
+    return 2 * int(cfg["batch"]) if training else int(cfg["batch"])
+
+
 class Metrics(Protocol):
     def update(self, *args, **kwargs) -> None: ...
     def results(self) -> dict[str, float]: ...

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vistrain.engine.utils import LOGGER, UserError
-from vistrain.tasks.base import DataBundle
+from vistrain.tasks.base import DataBundle, val_batch_size
 
 HYP_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
             "mosaic", "mixup")
@@ -128,8 +128,8 @@ class DetectTask:
         val_labels, line = self.scan(data, "val", cfg["workers"])
         self.check_labels(val_labels, "val")
         summary.append(line)
-        val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True, batch_size=cfg["batch"],
-                            **self.dataset_options(cfg))
+        val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True,
+                            batch_size=val_batch_size(cfg, need_train), **self.dataset_options(cfg))
         return DataBundle(train, val, list(data["names"]), summary, source=data["yaml_file"])
 
     def dataset_options(self, cfg: dict) -> dict:
