@@ -487,6 +487,33 @@ def test_polygon_mask_pixel_centres_and_order():
     assert A.polygon_mask((8, 8), [np.zeros((2, 2), np.float32)]).sum() == 0  # < 3 points: nothing
 
 
+def test_polygon_mask_is_the_coco_ground_truth_raster():
+    """Training masks are pycocotools' raster of the polygons (what mask mAP is scored against), at 1/ratio the
+    blocks at least half covered by it; on average they have the polygon's own area, where cv2.fillPoly's
+    (ultralytics') also take the pixels the edges pass through."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    h, w = 48, 64
+    areas = []
+    for _ in range(60):
+        n, r = int(rng.integers(3, 12)), rng.uniform(3, 14)
+        c = rng.uniform(-r / 2, [w + r / 2, h + r / 2])  # some cross the image's edges
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        poly = c + (r * rng.uniform(0.4, 1, n))[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1)
+        coco = mask_utils.decode(mask_utils.frPyObjects([poly.ravel().tolist()], h, w))[..., 0]
+        np.testing.assert_array_equal(A.polygon_mask((h, w), [poly]), coco)
+        np.testing.assert_array_equal(A.polygon_mask((h, w), [poly], ratio=4),
+                                      coco.reshape(h // 4, 4, w // 4, 4).mean((1, 3)) >= 0.5)
+        if (poly >= 0).all() and (poly < [w, h]).all():
+            x, y = poly.T
+            fill = np.zeros((h, w), np.uint8)
+            cv2.fillPoly(fill, [poly.astype(np.int32)], 1)
+            areas.append((coco.sum(), fill.sum(), abs((x * np.roll(y, -1) - np.roll(x, -1) * y).sum()) / 2))
+    ours, fill, exact = np.array(areas, float).sum(0)
+    assert len(areas) >= 20 and abs(ours / exact - 1) < 0.02 and fill / exact > 1.05
+
+
 def test_instance_masks_overlap_sorts_by_area():
     small = np.array([[2, 2], [6, 2], [6, 6], [2, 6]], np.float32)
     big = np.array([[0, 0], [16, 0], [16, 16], [0, 16]], np.float32)

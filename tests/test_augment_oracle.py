@@ -8,8 +8,10 @@ same instances with the same boxes, nearly the same masks and images.
 
 What may differ, by design: vistrain warps images with the half-pixel correction (labels and pixels move
 together exactly); ultralytics applies the label matrix to pixel indices, which moves the image by
-0.5 * (1 - scale) px against its labels.  That, and ultralytics' masks (vertices truncated to integers,
-then an area-averaging resize) being a little fatter, are the only differences these bounds allow.
+0.5 * (1 - scale) px against its labels.  And vistrain rasterises the polygons as pycocotools does (the COCO
+ground truth that mask mAP is scored against), where ultralytics' cv2.fillPoly also sets the pixels its edges
+pass through: its masks contain vistrain's plus a ring of boundary pixels (8-10% of the area at 40 px
+objects).  Those are the only differences these bounds allow.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -113,7 +116,13 @@ def test_training_samples_equal_ultralytics_given_the_same_random_numbers(pipeli
         # masks: nearly the same pixels, instance by instance
         um, vm = u["masks"].numpy()[0], v["masks"].numpy()
         assert um.shape == vm.shape == (40, 40), where
-        assert ((um > 0) == (vm > 0)).mean() > 0.98, where
+        # vistrain rasterises as pycocotools (the COCO ground truth), ultralytics with cv2.fillPoly, which also sets
+        # the pixels edges pass through: its masks hold vistrain's and add a ring of at most one mask pixel (where
+        # a thin tip of a small object is under half a block in vistrain's, a pixel or two beyond it)
+        grown = cv2.dilate((vm > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert ((vm > 0) & (um == 0)).sum() == 0, where
+        assert ((um > 0) & ~grown).sum() <= 2, where
+        assert (um > 0).sum() > (vm > 0).sum(), where
         for k, ku in enumerate(match):
             a, b = um == ku + 1, vm == k + 1
             if a.sum() >= 30:  # a small one (a few mask pixels) can lose or gain a large share of them
