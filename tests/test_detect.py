@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -166,3 +167,36 @@ def test_augmented_batches_reproducible_across_runs(shapes):
 
     a, b = first_batch(), first_batch()
     assert all(torch.equal(x["img"], y["img"]) and torch.equal(x["bboxes"], y["bboxes"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", ["detect", "segment"])
+def test_mosaic_image_buffer_one_decode_per_sample_and_partners_from_it(shapes, monkeypatch, kind):
+    """With mosaic, as ultralytics: each process keeps the images it decoded last (8 batches' worth) and a mosaic
+    draws its other three images from them, so a sample costs about one decode, not four; the buffered arrays
+    are shared and so must come out of any number of samples (mixup, flips, partial mosaic) unchanged."""
+    import vistrain.data.detect as D
+    from vistrain.data.yolo import list_split_images, load_data_yaml, scan_split
+
+    data = load_data_yaml(shapes / kind / "data.yaml")
+    labels, _ = scan_split(list_split_images(data, "train"), data["nc"], workers=1)
+    decoded, used = [], []
+    real_decode = D.load_rgb_array
+    monkeypatch.setattr(D, "load_rgb_array", lambda p: decoded.append(p) or real_decode(p))
+    hyp = {"mosaic": 0.7, "mixup": 0.3, "flipud": 0.5, "hsv_h": 0.02}
+    ds = D.DetectDataset(labels.items, 96, augment=True, hyp=hyp, batch_size=1, seed=0, masks=kind == "segment")
+    assert ds.buffer_size == min(len(ds), 8)
+    real_load = ds.load
+    monkeypatch.setattr(ds, "load", lambda i: used.append((i, list(ds.buffer))) or real_load(i))
+    for i in range(40):
+        ds[i % len(ds)]
+    assert len(ds.buffer) == ds.buffer_size
+    assert len(decoded) <= 40 * 1.5  # main images (and mixup's), not every mosaic partner
+    misses = [i for i, held in used if i not in held]
+    assert len(misses) == len(decoded) and len(used) > 2 * len(decoded)  # partners came from the buffer
+    for i, (img, inst, _) in ds.buffer.items():  # each used many times since it was decoded
+        img0, inst0, _ = ds._decode(i)
+        assert np.array_equal(img, img0) and np.array_equal(inst.boxes, inst0.boxes)
+        assert len(inst.segments) == len(inst0.segments) == (len(inst0) if kind == "segment" else 0)
+        assert all(np.array_equal(a, b) for a, b in zip(inst.segments, inst0.segments))
+    ds.close_mosaic()
+    assert ds.buffer_size == 0 and not ds.buffer

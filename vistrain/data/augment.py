@@ -480,12 +480,15 @@ class DetectAugment:
         return cls(imgsz=int(imgsz), **{k: float(v) for k, v in hyp.items() if k in names})
 
     def __call__(self, index: int, load: Loader, num_samples: int, rng: np.random.Generator,
-                 ) -> tuple[np.ndarray, Instances]:
-        """One training sample built around image ``index`` of ``num_samples`` -> (img, labels)."""
+                 pool: Sequence[int] | None = None) -> tuple[np.ndarray, Instances]:
+        """One training sample built around image ``index`` of ``num_samples`` -> (img, labels).
+
+        pool: the indices a mosaic draws its other three images from (with replacement; default: all
+        ``num_samples``).  A dataset passes the images it holds decoded, as ultralytics' buffer does."""
         if rng.random() < self.mosaic:
-            img, inst = self._mosaic_sample(index, load, num_samples, rng)
+            img, inst = self._mosaic_sample(index, load, num_samples, rng, pool)
             if rng.random() < self.mixup:
-                other = self._mosaic_sample(int(rng.integers(num_samples)), load, num_samples, rng)
+                other = self._mosaic_sample(int(rng.integers(num_samples)), load, num_samples, rng, pool)
                 img, inst = mixup((img, inst), other, rng)
         else:
             img, inst = self._fit(*load(index))
@@ -503,8 +506,11 @@ class DetectAugment:
         return img, apply_letterbox(inst, (img.shape[1] / w, img.shape[0] / h), (0, 0))
 
     def _mosaic_sample(self, index: int, load: Loader, num_samples: int, rng: np.random.Generator,
-                       ) -> tuple[np.ndarray, Instances]:
-        others = rng.integers(0, num_samples, size=3)
+                       pool: Sequence[int] | None = None) -> tuple[np.ndarray, Instances]:
+        if pool is None:
+            others = rng.integers(0, num_samples, size=3)
+        else:
+            others = np.asarray(pool)[rng.integers(0, len(pool), size=3)]
         order = rng.permutation([index, *(int(i) for i in others)])
         img, inst = mosaic4([self._fit(*load(int(i))) for i in order], self.imgsz, rng)
         return self._perspective(img, inst, rng)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -65,13 +66,20 @@ class DetectDataset(Dataset):
         self._rng: np.random.Generator | None = None
         self._rng_pid = None
         self.failed: set[str] = set()
+        # ultralytics' image buffer: each process keeps the images it decoded last (8 batches' worth, at most
+        # 1000), and mosaic draws its other three images from them: one decode per sample instead of four
+        self.buffer_size = min(len(self.items), 8 * batch_size, 1000) if self.mosaic > 0 else 0
+        self._buffer: OrderedDict[int, tuple] = OrderedDict()
+        self._buffer_pid = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def close_mosaic(self) -> None:
-        """The last epochs: no mosaic and no mixup (``close_mosaic``)."""
+        """The last epochs: no mosaic and no mixup (``close_mosaic``), and so no image buffer."""
         self.mosaic = 0.0
+        self.buffer_size = 0
+        self._buffer.clear()
         self.hyp = {**self.hyp, "mixup": 0.0}
         self.augmenter = A.DetectAugment.from_hyp(self.imgsz, {**self.hyp, "mosaic": 0.0})
 
@@ -105,8 +113,29 @@ class DetectDataset(Dataset):
         return self._rng
 
     # -- loading --
+    @property
+    def buffer(self) -> OrderedDict:
+        """This process's image buffer: index -> ``load(index)``, oldest first (see ``buffer_size``)."""
+        if self._buffer_pid != os.getpid():  # a DataLoader worker starts its own
+            self._buffer, self._buffer_pid = OrderedDict(), os.getpid()
+        return self._buffer
+
     def load(self, i: int) -> tuple[np.ndarray, A.Instances, tuple[int, int]]:
-        """Image ``i`` resized so its long side is ``imgsz`` and its labels in those pixels -> (img, inst, (h0, w0))."""
+        """Image ``i`` resized so its long side is ``imgsz`` and its labels in those pixels -> (img, inst, (h0, w0)).
+
+        With mosaic on, from the image buffer where it holds ``i`` (the arrays are shared: callers never modify
+        them in place), else decoded and added to it, dropping the oldest."""
+        if self.buffer_size:
+            buffer = self.buffer
+            if i in buffer:
+                return buffer[i]
+            out = buffer[i] = self._decode(i)
+            while len(buffer) > self.buffer_size:
+                buffer.popitem(last=False)
+            return out
+        return self._decode(i)
+
+    def _decode(self, i: int) -> tuple[np.ndarray, A.Instances, tuple[int, int]]:
         it = self.items[i]
         img = load_rgb_array(it.im_file)
         h0, w0 = img.shape[:2]
@@ -160,6 +189,9 @@ class DetectDataset(Dataset):
                                           auto=False, scaleup=True)
             img = A.augment_hsv(img, rng, hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"])
             img, inst = A.random_flips(img, A.apply_letterbox(inst, ratio, pad), rng, hyp["fliplr"], hyp["flipud"])
+        elif self.buffer_size and self.mosaic > 0:
+            self._load_ok(i)  # into the buffer first: the pool of mosaic partners holds this image too, as ultralytics'
+            img, inst = self.augmenter(i, load, len(self), rng, pool=list(self.buffer))
         else:
             img, inst = self.augmenter(i, load, len(self), rng)
         it = self.items[i]
