@@ -320,6 +320,29 @@ def test_clip_polygon_area():
     assert np.array_equal(A.clip_polygon(inside, 20, 20), inside)
 
 
+def test_transform_instances_equals_clipping_each_polygon():
+    """transform_instances bounds the polygons left wholly inside in one pass; the result is what moving and
+    clipping each polygon by itself (and a box-only row's corners) gives, to the bit."""
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n = int(rng.integers(1, 8))
+        polys = [rng.uniform(-20, 120, 2) + rng.uniform(-15, 15, (int(rng.integers(3, 9)), 2)) for _ in range(n)]
+        segs = [p.astype(np.float32) if k % 3 else np.zeros((0, 2), np.float32) for k, p in enumerate(polys)]
+        boxes = np.array([np.r_[p.min(0), p.max(0)] for p in polys], np.float32)
+        inst = A.Instances(np.arange(n), boxes, segs)
+        m = np.eye(3)
+        m[:2, :2] = rng.uniform(0.5, 1.5) * np.eye(2) + rng.uniform(-0.2, 0.2, (2, 2)) * (trial % 2)
+        m[:2, 2] = rng.uniform(-30, 30, 2)
+        out = A.transform_instances(inst, m, 100, 90)
+        for k in range(n):
+            if len(segs[k]):
+                ref = A.clip_polygon(A._transform_points(segs[k], m), 100, 90)
+                assert out.segments[k].dtype == np.float32 and np.array_equal(out.segments[k], ref)
+                assert np.array_equal(out.boxes[k], A._bbox(ref).astype(np.float32))
+            else:
+                assert len(out.segments[k]) == 0
+
+
 # ------------------------------------------------------------------------------------ colour, flips, mixup
 def test_flips_exact():
     img, inst = make_sample(np.random.default_rng(2), 96, 128, [0, 1, 2], "mixed")

@@ -184,11 +184,22 @@ def transform_instances(inst: Instances, matrix: np.ndarray, width: float, heigh
             boxes[i] = _bbox(clip_polygon(quad, width, height))
     segments = [s.copy() for s in inst.segments]
     if polygon_rows:
-        sizes = [len(inst.segments[i]) for i in polygon_rows]
+        sizes = np.array([len(inst.segments[i]) for i in polygon_rows])
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
         moved = _transform_points(np.concatenate([inst.segments[i] for i in polygon_rows]), matrix)
-        for i, poly in zip(polygon_rows, np.split(moved, np.cumsum(sizes)[:-1])):
-            segments[i] = clip_polygon(poly, width, height)
-            boxes[i] = _bbox(segments[i])
+        # most polygons end up wholly inside or wholly outside: their bounds in one pass, only the others clipped
+        lo, hi = np.minimum.reduceat(moved, starts), np.maximum.reduceat(moved, starts)
+        inside = (lo >= 0).all(1) & (hi[:, 0] <= width) & (hi[:, 1] <= height)
+        outside = (hi < 0).any(1) | (lo[:, 0] > width) | (lo[:, 1] > height)
+        moved32 = np.split(moved.astype(np.float32), starts[1:])
+        for k, i in enumerate(polygon_rows):
+            if inside[k]:
+                segments[i], boxes[i] = moved32[k], np.concatenate((lo[k], hi[k]))
+            elif outside[k]:
+                segments[i] = np.zeros((0, 2), np.float32)  # its box stays zero-size
+            else:
+                segments[i] = clip_polygon(moved[starts[k]:starts[k] + sizes[k]], width, height)
+                boxes[i] = _bbox(segments[i])
     return Instances(inst.cls.copy(), boxes.astype(np.float32), segments)
 
 
