@@ -168,3 +168,16 @@ def test_boxes_and_masks_after_postprocessing_equal(ul):
     # end to end: box corners differ by float rounding (< 1e-3 px), which can move a pixel across a box edge
     mismatch = (masks != ref_masks.bool()).float().mean()
     assert mismatch < 5e-3, mismatch
+
+
+@pytest.mark.parametrize("warmup_epochs, epochs, nb", [(3.0, 24, 25), (3.0, 10, 25), (3.0, 3, 25), (3.0, 1, 25),
+                                                       (0.5, 2, 7), (0.0, 10, 25), (3.0, 100, 500), (2.7, 5, 13)])
+def test_warmup_iterations_equal_ultralytics(ultralytics_home, warmup_epochs, epochs, nb):
+    """The trainer's warmup length is ultralytics' (8.4: warmup_epochs of batches, never the final epoch; no
+    100-batch floor, which made the bench's 24-epoch runs warm up for 4 epochs instead of 3)."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from vistrain.engine.trainer import warmup_iterations
+
+    peer = types.SimpleNamespace(args=types.SimpleNamespace(warmup_epochs=warmup_epochs), epochs=epochs)
+    assert warmup_iterations(warmup_epochs, epochs, nb) == BaseTrainer._get_warmup_iterations(peer, nb)
