@@ -12,7 +12,9 @@ Reported (and written to ``bench/results/segment.json``), for each side:
    side is compared with the other only within one.  Each side's own validator numbers are printed too,
    for information (ultralytics' validator assigns several classes per box).
 2. Training speed: images per second over the training batches of every epoch but the first (from the
-   first epoch's start to each epoch's last batch; validation, checkpointing and plots not timed).
+   first epoch's start to each epoch's last batch; validation, checkpointing and plots not timed).  Over
+   seeds: the ratio of each side's median, and the median of the per-seed ratios (a seed's two runs are
+   back to back, so that one is less exposed to a shared host's speed drifting over hours).
 3. Inference latency (ms, batch 1): one validation image letterboxed to ``--imgsz`` once, the same float
    tensor for both; timed: forward of the eval-mode trained model + NMS (conf 0.25, iou 0.7) + the masks
    of the kept boxes at the input size.  vistrain: ``model(x)`` + ``SegmentTask.postprocess`` +
@@ -559,6 +561,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         runs = json.loads(args.out.read_text())["runs"]
+        print_speed(runs)
         print_statistics(seed_statistics(runs))
         print_loss_statistics(loss_statistics(runs))
         print_loss_statistics(loss_statistics(runs, "val_losses_last"), "last")
@@ -648,6 +651,19 @@ def run_means(runs: list) -> tuple[dict, dict, dict]:
     return img_s, acc_mean, diffs
 
 
+def speed_ratios(runs: list) -> list:
+    """Per seed, vistrain's training img/s over ultralytics': the two sides of a seed train back to back, so their
+    ratio is less exposed than the per-side medians to a shared host whose speed drifts over hours."""
+    return [r["train"][V]["img_per_s"] / r["train"][P]["img_per_s"] for r in runs]
+
+
+def print_speed(runs: list) -> None:
+    img_s, per_seed = run_means(runs)[0], speed_ratios(runs)
+    print(f"training vistrain / ultralytics: {img_s[V] / img_s[P]:.3f}x (median img/s over seeds {img_s[V]:.2f} vs "
+          f"{img_s[P]:.2f}); median of the per-seed ratios {statistics.median(per_seed):.3f}x "
+          f"({', '.join(f'{x:.2f}' for x in per_seed)})", flush=True)
+
+
 def merge(files: list, out: Path) -> int:
     """Combine result files made with the same settings and disjoint seeds into ``out``; means, ratios and the
     seed statistics are recomputed over all runs, inference and machine are the first file's."""
@@ -663,7 +679,8 @@ def merge(files: list, out: Path) -> int:
     runs = sorted((r for d in docs for r in d["runs"]), key=lambda r: r["seed"])
     first, infer = docs[0], docs[0]["inference"]
     img_s, acc_mean, acc_ratios = run_means(runs)
-    ratios = {**first["ratios"], "train_img_per_s": img_s[V] / img_s[P], **acc_ratios}
+    ratios = {**first["ratios"], "train_img_per_s": img_s[V] / img_s[P],
+              "train_img_per_s_per_seed_median": statistics.median(speed_ratios(runs)), **acc_ratios}
     stats = seed_statistics(runs)
     result = {**first, "settings": {**first["settings"], "seeds": [r["seed"] for r in runs], "out": str(out)},
               "merged_from": [{"file": Path(f).name, "seeds": [r["seed"] for r in d["runs"]]}
@@ -677,7 +694,7 @@ def merge(files: list, out: Path) -> int:
         for side, s in sides.items():
             print(f"mean over {len(runs)} seeds, {pipeline:<7} pipeline, {side:<12} box mAP50-95 "
                   f"{s['mAP50-95(B)']:.4f}  mask mAP50-95 {s['mAP50-95(M)']:.4f}")
-    print(f"training {ratios['train_img_per_s']:.3f}x (median img/s over seeds: {img_s[V]:.2f} vs {img_s[P]:.2f})")
+    print_speed(runs)
     print_statistics(stats)
     print_loss_statistics(result["val_loss_statistics"])
     print_loss_statistics(result["val_loss_statistics_last"], "last")
@@ -697,6 +714,7 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
     seeds = [r["seed"] for r in runs]
     img_s, acc_mean, acc_ratios = run_means(runs)
     ratios = {"train_img_per_s": img_s[V] / img_s[P],
+              "train_img_per_s_per_seed_median": statistics.median(speed_ratios(runs)),
               "inference_speed": infer[P]["ms_median"] / infer[V]["ms_median"],
               "inference_speed_unfused": infer[f"{P} unfused (info)"]["ms_median"]
               / infer[f"{V} unfused (info)"]["ms_median"], **acc_ratios}
@@ -709,6 +727,7 @@ def summarise(args, old: dict | None, new_runs: list, infer: dict) -> None:
           f"{ratios['box_map_minus_peer_val']:+.4f} / {ratios['box_map_minus_peer_predict']:+.4f}, mask "
           f"{ratios['mask_map_minus_peer_val']:+.4f} / {ratios['mask_map_minus_peer_predict']:+.4f} "
           f"(targets: >= 1.0x, >= 1.0x, >= 0, >= 0)", flush=True)
+    print_speed(runs)
     stats = seed_statistics(runs)
     print_statistics(stats)
     loss_stats, loss_stats_last = loss_statistics(runs), loss_statistics(runs, "val_losses_last")
