@@ -3,8 +3,8 @@ scratch on the bench's data with the bench's settings, then score the ``best`` w
 save_json=True`` predictions with pycocotools (box and mask mAP50-95, the ``val`` pipeline of ``segment.py``).
 
     .venv/bin/python bench/segment_vistrain.py SEED [--epochs 24 --nbs 16 --device 0 ...]
-    .venv/bin/python bench/segment_vistrain.py SEED --epochs 24 --nbs 16 --no-buffer   # mosaic partners from the
-        # whole dataset instead of the image buffer (the A/B in bench/README.md)
+    .venv/bin/python bench/segment_vistrain.py SEED --epochs 24 --nbs 16 --mosaic-buffer   # mosaic partners from
+        # ultralytics' image buffer instead of the whole dataset (the A/B in bench/README.md)
 
 One line starting ``RESULT`` per run.  Several seeds side by side on a GPU machine: one process per seed.
 """
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     p.add_argument("--nbs", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-buffer", action="store_true",
-                   help="mosaic partners drawn from the whole dataset, not from the image buffer (DetectDataset)")
+    p.add_argument("--mosaic-buffer", action="store_true",
+                   help="mosaic partners drawn from the image buffer, not from the whole dataset (mosaic_buffer=true)")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="vistrain-bench-seg-"))
@@ -47,21 +47,12 @@ def main(argv=None) -> int:
     from vistrain.data.synthetic import make_dataset
     from vistrain.engine.trainer import Trainer
 
-    if args.no_buffer:
-        import vistrain.data.detect as D
-
-        init = D.DetectDataset.__init__
-
-        def no_buffer(self, *a, **k):
-            init(self, *a, **k)
-            self.buffer_size = 0
-
-        D.DetectDataset.__init__ = no_buffer
     torch.set_num_threads(args.threads)
     data = str(make_dataset(tmp / "data", n=args.n, imgsz=args.imgsz, seed=0) / "segment" / "data.yaml")
     overrides = dict(model="yolov8n-seg", data=data, epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
                      workers=args.workers, device=args.device, seed=args.seed, deterministic=False, nbs=args.nbs,
-                     project=str(tmp), name="vistrain", exist_ok=True, plots=False)
+                     project=str(tmp), name="vistrain", exist_ok=True, plots=False,
+                     mosaic_buffer=args.mosaic_buffer)
     cfg = get_config(overrides)
     cfg["_user_keys"] = sorted(overrides)
     t0 = time.time()
@@ -73,7 +64,7 @@ def main(argv=None) -> int:
     out = Path(res["save_dir"])
     s = cocoeval(out / "annotations.json", json.loads((out / "predictions.json").read_text()))
     losses = {k: round(float(v), 4) for k, v in res.items() if k.startswith("val/")}
-    tag = " no-buffer" if args.no_buffer else ""
+    tag = " mosaic-buffer" if args.mosaic_buffer else ""
     print(f"RESULT seed {args.seed}{tag} box {s['mAP50-95(B)']:.4f} mask {s['mAP50-95(M)']:.4f} box50 {s['mAP50(B)']:.4f} "
           f"mask50 {s['mAP50(M)']:.4f} wall {time.time() - t0:.0f} s losses {losses}", flush=True)
     return 0

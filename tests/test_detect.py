@@ -183,7 +183,8 @@ def test_mosaic_image_buffer_one_decode_per_sample_and_partners_from_it(shapes, 
     real_decode = D.load_rgb_array
     monkeypatch.setattr(D, "load_rgb_array", lambda p: decoded.append(p) or real_decode(p))
     hyp = {"mosaic": 0.7, "mixup": 0.3, "flipud": 0.5, "hsv_h": 0.02}
-    ds = D.DetectDataset(labels.items, 96, augment=True, hyp=hyp, batch_size=1, seed=0, masks=kind == "segment")
+    ds = D.DetectDataset(labels.items, 96, augment=True, hyp=hyp, batch_size=1, seed=0, masks=kind == "segment",
+                         mosaic_buffer=True)
     assert ds.buffer_size == min(len(ds), 8)
     real_load = ds.load
     monkeypatch.setattr(ds, "load", lambda i: used.append((i, list(ds.buffer))) or real_load(i))
@@ -200,3 +201,35 @@ def test_mosaic_image_buffer_one_decode_per_sample_and_partners_from_it(shapes, 
         assert all(np.array_equal(a, b) for a, b in zip(inst.segments, inst0.segments))
     ds.close_mosaic()
     assert ds.buffer_size == 0 and not ds.buffer
+
+
+def test_mosaic_partners_from_the_whole_dataset_by_default(shapes, monkeypatch):
+    """Without ``mosaic_buffer`` (the default) a mosaic's other three images are drawn from the whole dataset, as
+    in YOLOv5, not from the images decoded last; the setting reaches the training dataset from the config."""
+    import vistrain.data.detect as D
+    from vistrain.config import get_config
+    from vistrain.data.yolo import list_split_images, load_data_yaml, scan_split
+    from vistrain.tasks.base import get_task
+
+    data = load_data_yaml(shapes / "detect" / "data.yaml")
+    labels, _ = scan_split(list_split_images(data, "train"), data["nc"], workers=1)
+    ds = D.DetectDataset(labels.items, 96, augment=True, hyp={"mosaic": 1.0}, batch_size=1, seed=0)
+    assert ds.buffer_size == 0 and len(ds) > 16
+    loads = []
+    real_load = ds.load
+    monkeypatch.setattr(ds, "load", lambda i: loads.append(i) or real_load(i))
+    mains, far = [], 0
+    for i in range(40):
+        del loads[:]
+        ds[i % len(ds)]
+        partners = [j for j in loads if j != i % len(ds)]
+        far += sum(j not in mains[-8:] for j in partners)  # outside what a buffer of 8 would hold
+        mains.append(i % len(ds))
+    assert far > 40  # of ~120 partners, ~ (1 - 8 / len) of them with the whole dataset, none with a buffer
+    assert not ds.buffer
+
+    for on in (False, True):
+        cfg = get_config({"model": "yolov8n", "data": str(shapes / "detect" / "data.yaml"), "imgsz": 96,
+                          "batch": 2, "workers": 0, "mosaic_buffer": on})
+        train = get_task("detect").build_data(cfg).train
+        assert train.buffer_size == (min(len(train), 16) if on else 0)

@@ -50,7 +50,7 @@ class DetectDataset(Dataset):
 
     def __init__(self, items: list[ImageLabels], imgsz: int, augment: bool = False, hyp: dict | None = None,
                  rect: bool = False, batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0,
-                 masks: bool = False, mask_ratio: int = 4, overlap: bool = True):
+                 masks: bool = False, mask_ratio: int = 4, overlap: bool = True, mosaic_buffer: bool = False):
         self.items = list(items)
         self.masks, self.mask_ratio, self.overlap = masks, int(mask_ratio), overlap
         self.imgsz, self.augment, self.stride, self.seed = imgsz, augment, stride, seed
@@ -66,9 +66,11 @@ class DetectDataset(Dataset):
         self._rng: np.random.Generator | None = None
         self._rng_pid = None
         self.failed: set[str] = set()
-        # ultralytics' image buffer: each process keeps the images it decoded last (8 batches' worth, at most
-        # 1000), and mosaic draws its other three images from them: one decode per sample instead of four
-        self.buffer_size = min(len(self.items), 8 * batch_size, 1000) if self.mosaic > 0 else 0
+        # mosaic_buffer: ultralytics' image buffer: each process keeps the images it decoded last (8 batches'
+        # worth, at most 1000), and mosaic draws its other three images from them: one decode per sample instead
+        # of four. Off (default): the other three come from the whole dataset, as in YOLOv5; with the buffer,
+        # 4 of 7 small-data runs fell far behind, without it 0 of 13 (bench/README.md)
+        self.buffer_size = min(len(self.items), 8 * batch_size, 1000) if self.mosaic > 0 and mosaic_buffer else 0
         self._buffer: OrderedDict[int, tuple] = OrderedDict()
         self._buffer_pid = None
 

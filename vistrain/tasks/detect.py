@@ -124,7 +124,7 @@ class DetectTask:
             self.check_labels(labels, "train")
             train = DetectDataset(labels.items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
                                   rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"],
-                                  **self.dataset_options(cfg))
+                                  mosaic_buffer=bool(cfg.get("mosaic_buffer")), **self.dataset_options(cfg))
         val_labels, line = self.scan(data, "val", cfg["workers"])
         self.check_labels(val_labels, "val")
         summary.append(line)
