@@ -69,7 +69,7 @@ class DetectDataset(Dataset):
         # mosaic_buffer: ultralytics' image buffer: each process keeps the images it decoded last (8 batches'
         # worth, at most 1000), and mosaic draws its other three images from them: one decode per sample instead
         # of four. Off (default): the other three come from the whole dataset, as in YOLOv5; with the buffer,
-        # 3 of 8 small-data runs fell far behind early, without it 1 of 8 (bench/README.md)
+        # 3 of 8 small-data runs fell far behind early, without it 3 of 10 (bench/README.md)
         self.buffer_size = min(len(self.items), 8 * batch_size, 1000) if self.mosaic > 0 and mosaic_buffer else 0
         self._buffer: OrderedDict[int, tuple] = OrderedDict()
         self._buffer_pid = None
