@@ -13,9 +13,12 @@ was made with the same code path and settings:
   ``buffer_size`` 0, the code path of today's default ``mosaic_buffer=false``).
 
 Prints each seed's pair and the paired statistics of ``bench/segment.py`` (mean difference, its standard error,
-sign-flip p, seeds below).
+sign-flip p, seeds below). ``--early N`` adds, for the runs of ``--current`` (both sides record their curves), the
+train box loss after epoch N against the run's final box mAP50-95, sorted by that loss, with their correlation:
+how early a run's result is decided.
 
     .venv/bin/python bench/segment_seeds.py
+    .venv/bin/python bench/segment_seeds.py --early 4
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--bench", type=Path, nargs="*", default=[R / "segment-e24-nbs16.json"])
     p.add_argument("--vistrain", type=Path, nargs="*",
                    default=[R / "segment-e24-nbs16-nobuffer.json", R / "segment-e24-nbs16-buffer-ab.json"])
+    p.add_argument("--early", type=int, metavar="N", help="train box loss after epoch N against the final mAP")
     args = p.parse_args(argv)
 
     def load(f: Path) -> dict:
@@ -88,7 +92,29 @@ def main(argv=None) -> int:
         print(f"{kind:<4} mAP50-95: vistrain {sum(v) / len(v):.4f}, ultralytics {sum(u) / len(u):.4f}; paired "
               f"{st['diff']:+.4f}, standard error {st['se']:.4f}, sign-flip p {st['sign_flip_p']:.2f}, vistrain lower "
               f"on {st['below']} of {st['seeds']} seeds")
+    if args.early:
+        early(current, args.early)
     return 0
+
+
+def early(current: dict, epoch: int) -> None:
+    """Each run's train box loss after ``epoch`` against its final box mAP50-95 (pycocotools, ``val``)."""
+    rows = []  # (loss, seed, side, mAP)
+    for r in current["runs"]:
+        for side in ("vistrain", "ultralytics"):
+            loss = r["train"][side]["curves"]["train/box_loss"]
+            if len(loss) < epoch:
+                raise SystemExit(f"--early {epoch}: seed {r['seed']} has {len(loss)} epochs")
+            rows.append((loss[epoch - 1], r["seed"], side, r["accuracy"]["val"][side]["mAP50-95(B)"]))
+    rows.sort()
+    print(f"\ntrain box loss after epoch {epoch} (sorted) and final box mAP50-95, runs of {len(current['runs'])} seeds:")
+    for loss, seed, side, m in rows:
+        print(f"  {loss:.3f}  seed {seed:>2} {side:<11} {m:.4f}")
+    x, y = [r[0] for r in rows], [r[3] for r in rows]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    r = sxy / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5
+    print(f"correlation of the epoch-{epoch} train box loss with the final box mAP50-95: {r:+.2f}")
 
 
 if __name__ == "__main__":
