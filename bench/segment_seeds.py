@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -110,10 +111,7 @@ def early(current: dict, epoch: int) -> None:
     print(f"\ntrain box loss after epoch {epoch} (sorted) and final box mAP50-95, runs of {len(current['runs'])} seeds:")
     for loss, seed, side, m in rows:
         print(f"  {loss:.3f}  seed {seed:>2} {side:<11} {m:.4f}")
-    x, y = [r[0] for r in rows], [r[3] for r in rows]
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    r = sxy / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5
+    r = statistics.correlation([row[0] for row in rows], [row[3] for row in rows])
     print(f"correlation of the epoch-{epoch} train box loss with the final box mAP50-95: {r:+.2f}")
 
 
