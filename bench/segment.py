@@ -47,6 +47,8 @@ dir, internet sockets refused for the whole run.
     .venv/bin/python bench/segment.py --nbs 16 --out bench/results/segment-nbs16.json   # an optimizer step per batch
     .venv/bin/python bench/segment.py --epochs 24 --nbs 16 --out bench/results/segment-e24-nbs16.json   # runs that
         # converge (box mAP50-95 ~0.8, +/-0.03 per seed; ~45 min a seed on 2 cores): where accuracy is decided
+    .venv/bin/python bench/segment.py --epochs 48 --nbs 16 --out bench/results/segment-e48-nbs16.json   # slow
+        # starts caught up (box ~0.9, every run 0.887-0.913 so far; ~58 min a seed on 2 cores)
     .venv/bin/python bench/segment.py --device 0 --seeds 0,1,...,59 --out ...   # many seeds on a GPU (both sides)
     .venv/bin/python bench/segment.py --merge a.json b.json --out ...   # runs made side by side, in one file
     .venv/bin/python bench/segment.py --keep /tmp/seg   # keep data, runs (results.csv), weights and val outputs
