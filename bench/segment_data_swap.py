@@ -145,7 +145,7 @@ def train(data_yaml: Path, seed: int, batches: str, project: Path, args) -> dict
             if batches == "vistrain-python-random":
                 from vistrain.data.detect import DetectDataset
 
-                DetectDataset.rng = property(lambda _: PythonRandom())  # before the workers fork
+                DetectDataset.sample_rng = lambda self, index, epoch: PythonRandom()  # before the workers fork
                 return super().make_train_loader()
             from ultralytics.cfg import get_cfg
             from ultralytics.data.build import build_dataloader, build_yolo_dataset

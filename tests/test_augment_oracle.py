@@ -18,7 +18,6 @@ objects).  Those are the only differences these bounds allow.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -171,7 +170,7 @@ def test_training_samples_equal_ultralytics_given_the_same_random_numbers(pipeli
         rng = ScriptedRng(scale=float(draw.uniform(0.5, 1.5)), translate=tuple(draw.uniform(0.4, 0.6, 2)),
                           hsv=draw.uniform(-1, 1, 3), flip=float(trial % 2))
         u = ultralytics_sample(ul_ds, i, rng, monkeypatch)
-        ours._rng, ours._rng_pid = rng, os.getpid()
+        ours.sample_rng = lambda index, epoch, rng=rng: rng
         v = ours[by_name[Path(ul_ds.im_files[i]).name]]
         where = f"{Path(ul_ds.im_files[i]).name}, scale {rng.scale:.2f}, flip {rng.flip}"
         boxes_seen += assert_same_sample(u, v, where, 160)
@@ -198,7 +197,7 @@ def test_mosaic_samples_equal_ultralytics_given_the_same_random_numbers(mosaic_p
                           others=tuple(int(k) for k in draw.integers(len(ours), size=3)),
                           centre=tuple(int(c) for c in draw.uniform(80, 240, 2)), imgsz=160)
         u = ultralytics_sample(ul_ds, by_name[i], rng, monkeypatch, by_name)
-        ours._rng, ours._rng_pid = rng, os.getpid()
+        ours.sample_rng = lambda index, epoch, rng=rng: rng
         v = ours[i]
         where = f"mosaic of {i} and {rng.others}, centre {rng.centre}, scale {rng.scale:.2f}, flip {rng.flip}"
         boxes_seen += assert_same_sample(u, v, where, 160)

@@ -29,6 +29,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from .image import IMAGE_SUFFIXES, BadImageError, is_image_file, load_image
+from .sampler import SampleKey, sample_torch_seed, split_key
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -341,7 +342,9 @@ class ClassifyDataset(torch.utils.data.Dataset):
         hsv: float = 0.2,
         scale: tuple[float, float] = (0.6, 1.0),
         fast_decode: bool = True,
+        seed: int = 0,
     ):
+        self.seed = int(seed)
         self.samples = [(Path(p), int(c)) for p, c in samples]
         self.labels = [c for _, c in self.samples]
         self.imgsz = imgsz
@@ -386,7 +389,11 @@ class ClassifyDataset(torch.utils.data.Dataset):
             x = self.color(x)
         return x.sub_(self._mean).div_(self._std)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, key: int | SampleKey) -> tuple[Tensor, int]:
+        """Sample ``i`` (a plain index, or a training loader's ``SampleKey(i, epoch)``). Augmentation draws from
+        torch's generator seeded by ``(seed, epoch, i)`` (the caller's generator state is restored), so a
+        sample is the same whatever process loads it, and resume repeats the uninterrupted run."""
+        i, epoch = split_key(key)
         n = len(self.samples)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} samples")
@@ -402,7 +409,11 @@ class ClassifyDataset(torch.utils.data.Dataset):
                 self.failed.add(path)
                 LOGGER.warning("skipping unreadable image %s (using another sample instead)", e)
                 continue
-            return self.transform(x), label
+            if not self.augment:
+                return self.transform(x), label
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_torch_seed(self.seed, epoch, i))
+                return self.transform(x), label
         raise DatasetError(f"none of the {n} images could be read; first failure: {next(iter(self.failed), '?')}")
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from vistrain.data import augment as A
 from vistrain.data.image import BadImageError, load_rgb_array
+from vistrain.data.sampler import SampleKey, sample_rng, split_key
 from vistrain.data.yolo import ImageLabels
 
 LOGGER = logging.getLogger("vistrain")
@@ -63,13 +64,12 @@ class DetectDataset(Dataset):
         self.batch_shapes = None
         if rect:
             self._set_rect(batch_size, pad)
-        self._rng: np.random.Generator | None = None
-        self._rng_pid = None
         self.failed: set[str] = set()
         # mosaic_buffer: ultralytics' image buffer: each process keeps the images it decoded last (8 batches'
         # worth, at most 1000), and mosaic draws its other three images from them: one decode per sample instead
         # of four. Off (default): the other three come from the whole dataset, as in YOLOv5; with the buffer,
-        # 3 of 8 small-data runs fell far behind early, without it 3 of 10 (bench/README.md)
+        # 3 of 8 small-data runs fell far behind early, without it 3 of 10 (bench/README.md). The buffer holds what
+        # this process loaded before, so with it a resumed run (or another worker count) draws other partners
         self.buffer_size = min(len(self.items), 8 * batch_size, 1000) if self.mosaic > 0 and mosaic_buffer else 0
         self._buffer: OrderedDict[int, tuple] = OrderedDict()
         self._buffer_pid = None
@@ -105,14 +105,10 @@ class DetectDataset(Dataset):
         self.batch_shapes = (np.ceil(np.array(shapes) * self.imgsz / self.stride + pad).astype(int) * self.stride)
         self.batch_size = batch_size
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """One generator per process (each DataLoader worker is seeded by torch; see ``seed_worker``)."""
-        if self._rng is None or self._rng_pid != os.getpid():
-            # torch seeds each worker from the loader's seeded generator: deterministic, unlike the pid
-            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32])
-            self._rng_pid = os.getpid()
-        return self._rng
+    def sample_rng(self, index: int, epoch: int) -> np.random.Generator:
+        """Every random number of training sample ``index`` in ``epoch`` (mosaic partners and centre, warp, HSV,
+        flips, mixup): a function of ``(seed, epoch, index)``, whatever process loads it, so resume is exact."""
+        return sample_rng(self.seed, epoch, index)
 
     # -- loading --
     @property
@@ -164,9 +160,10 @@ class DetectDataset(Dataset):
         raise RuntimeError("none of the dataset's images can be read")
 
     # -- samples --
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | SampleKey) -> dict:
+        i, epoch = split_key(key)
         if self.augment:
-            return self._train_sample(i)
+            return self._train_sample(i, self.sample_rng(i, epoch))
         j, (img, inst, (h0, w0)) = self._load_ok(i)
         shape = self.batch_shapes[j // self.batch_size] if self.rect else (self.imgsz, self.imgsz)
         h, w = img.shape[:2]
@@ -179,8 +176,8 @@ class DetectDataset(Dataset):
             ori["segments"] = [sg * np.array([w0, h0], np.float32) for sg in it.segments]
         return self._pack(out, inst, it.im_file, (h0, w0), (scale, pad), ori)
 
-    def _train_sample(self, i: int) -> dict:
-        rng, hyp = self.rng, self.hyp
+    def _train_sample(self, i: int, rng: np.random.Generator) -> dict:
+        hyp = self.hyp
 
         def load(k: int):
             return self._load_ok(k)[1][:2]

@@ -126,10 +126,12 @@ class Trainer:
             self.csv.unlink()
 
     def make_train_loader(self):
-        """Shuffled, seeded batches (in order for rectangular batches, whose shapes follow the order)."""
+        """Shuffled, seeded batches (in order for rectangular batches, whose shapes follow the order); every
+        sample a function of (seed, epoch, index), so resume repeats the uninterrupted run."""
         cfg = self.cfg
         return make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
-                           shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device)
+                           shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device,
+                           epoch_keys=True)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay)."""
@@ -222,7 +224,7 @@ class Trainer:
     def train_epoch(self) -> torch.Tensor:
         cfg, nb = self.cfg, len(self.train_loader)
         self.model.train()
-        self.train_loader.generator.manual_seed(cfg["seed"] + self.epoch)  # resume reproduces the data order
+        self.train_loader.sampler.set_epoch(self.epoch)  # order and augmentation: functions of (seed, epoch, index)
         mean_loss = torch.zeros(len(self.task.loss_names))
         counted = 0  # batches in the running means (a skipped non-finite batch is not)
         train_metric_names = getattr(self.task, "train_metric_names", ())

@@ -42,15 +42,23 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
     return metrics, (loss_sum / max(batches, 1)).cpu()
 
 
-def make_loader(dataset, task, batch: int, workers: int, shuffle: bool, seed: int = 0, device=None):
-    """A DataLoader with the task's collate, seeded shuffling and persistent workers."""
+def make_loader(dataset, task, batch: int, workers: int, shuffle: bool, seed: int = 0, device=None,
+                epoch_keys: bool = False):
+    """A DataLoader with the task's collate, seeded shuffling and persistent workers.
+
+    ``epoch_keys`` (training): an :class:`~vistrain.data.sampler.EpochSampler` gives the dataset
+    ``SampleKey(index, epoch)``, so each sample and each epoch's order are functions of (seed, epoch, index);
+    call ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    from vistrain.data.sampler import EpochSampler
     from vistrain.engine.utils import seed_worker
 
     generator = torch.Generator()
     generator.manual_seed(seed)
     workers = min(workers, batch) if len(dataset) > batch else min(workers, 1)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed) if epoch_keys else None
     return torch.utils.data.DataLoader(
-        dataset, batch_size=min(batch, max(len(dataset), 1)), shuffle=shuffle, num_workers=workers,
+        dataset, batch_size=min(batch, max(len(dataset), 1)), shuffle=shuffle and sampler is None,
+        sampler=sampler, num_workers=workers,
         collate_fn=task.collate_fn, pin_memory=bool(device is not None and device.type == "cuda"),
         persistent_workers=workers > 0, worker_init_fn=seed_worker, generator=generator, drop_last=False)
 

@@ -50,7 +50,7 @@ class ClassifyTask:
         train = None
         if need_train:
             train = ClassifyDataset(train_idx.samples, imgsz, augment=cfg.get("augment", True),
-                                    fliplr=cfg.get("fliplr", 0.5), hsv=cfg.get("hsv", 0.2))
+                                    fliplr=cfg.get("fliplr", 0.5), hsv=cfg.get("hsv", 0.2), seed=cfg.get("seed", 0))
         val = ClassifyDataset(val_idx.samples, imgsz, augment=False)
         if len(val) == 0:
             raise UserError(f"data={root}: no validation images found")
