@@ -49,8 +49,11 @@ def print_help(mode: str | None = None) -> None:
 
 
 def summary(cfg: dict) -> None:
+    import yaml
+
     from vistrain.engine.utils import UserError
     from vistrain.nn.model import build_model
+    from vistrain.nn.parser import ModelYAMLError
     from vistrain.utils.summary import summarize
 
     if not cfg.get("model"):
@@ -59,6 +62,8 @@ def summary(cfg: dict) -> None:
         model = build_model(cfg["model"], num_classes=cfg.get("nc"), imgsz=cfg["imgsz"])
     except FileNotFoundError as e:
         raise UserError(f"model={cfg['model']}: {e}") from None
+    except (ModelYAMLError, yaml.YAMLError) as e:  # a bad row, argument or module: one line naming the row
+        raise UserError(f"model={cfg['model']}: {str(e).splitlines()[0]}") from None
     print(summarize(model, imgsz=cfg["imgsz"]).table())
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from vistrain.data.image import BadImageError, is_image_file, load_image
 
 LOGGER = logging.getLogger("vistrain")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: label files read as utf-8-sig (a BOM no longer drops the first row)
 COORD_TOL = 0.01  # coordinates within this of 0..1 are clipped silently; beyond it, clipped with a message
 MAX_MESSAGES = 30  # label problems printed per split; the rest are counted
 _CHECK_DRAFT = (64, 64)
@@ -57,6 +57,25 @@ def _names_list(names, source: str) -> list[str]:
     raise DataYAMLError(f"{source}: 'names' must be a list of class names or a dict {{0: name, ...}}")
 
 
+DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download")
+
+
+def _misspelt_key(data: dict) -> tuple[str, str] | None:
+    """``(key, known key)`` for a key that looks like a misspelling of a known key the YAML lacks (``trian``:
+    ``train``), else None.  Other extra keys are allowed, as ultralytics allows them."""
+    import difflib
+
+    absent = [k for k in DATA_KEYS if k not in data]
+    for key in data:
+        if not isinstance(key, str) or key in DATA_KEYS:
+            continue
+        near = difflib.get_close_matches(key.lower(), absent, n=1, cutoff=0.75)
+        near = near or [k for k in absent if sorted(k) == sorted(key.lower())]  # swapped letters: 'vla'
+        if near:
+            return key, near[0]
+    return None
+
+
 def load_data_yaml(path: str | os.PathLike) -> dict:
     """Read a dataset YAML; return it with ``path`` made absolute and ``names`` as a list (``nc`` set).
 
@@ -76,6 +95,9 @@ def load_data_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise DataYAMLError(f"{file}: expected a mapping with keys path, train, val, names")
     missing = [k for k in ("train", "val", "names") if k not in data]
+    typo = _misspelt_key(data)
+    if typo:
+        raise DataYAMLError(f"unknown key '{typo[0]}' in {file}; did you mean '{typo[1]}'?")
     if missing:
         raise DataYAMLError(f"{file}: missing key(s) {', '.join(missing)} (a dataset YAML needs train, val, names)")
     root = Path(data.get("path") or ".").expanduser()
@@ -105,7 +127,7 @@ def list_split_images(data: dict, split: str) -> list[Path]:
         if p.is_dir():
             files.update(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
         elif p.is_file() and p.suffix.lower() == ".txt":
-            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in p.read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     files.add(_resolve(p.parent, line))
@@ -200,13 +222,14 @@ def _row_geometry(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool] | s
     return box, poly, clipped
 
 
-def parse_label_file(path: Path, nc: int) -> tuple[list, list[str], int]:
+def parse_label_file(path: Path, nc: int, row_lines: list[int] | None = None) -> tuple[list, list[str], int]:
     """Read one label file -> ``(rows [(cls, box, polygon)], messages, lines dropped)``.
 
-    Each message is ``file:line: problem``.  Missing file = background (no rows, no message).
+    Each message is ``file:line: problem``.  Missing file = background (no rows, no message).  A UTF-8 byte
+    order mark (Windows editors write one) is ignored.  ``row_lines``, if given, receives each row's line number.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         return [], [], 0
     except (UnicodeDecodeError, OSError) as e:
@@ -236,6 +259,8 @@ def parse_label_file(path: Path, nc: int) -> tuple[list, list[str], int]:
         if clipped:
             messages.append(f"{path}:{lineno}: coordinates outside 0..1: clipped to the image")
         rows.append((c, box, poly))
+        if row_lines is not None:
+            row_lines.append(lineno)
     return rows, messages, dropped
 
 
@@ -289,6 +314,29 @@ class SplitLabels:
     def summary(self, split: str) -> str:
         return (f"{split}: {len(self.items)} images, {self.backgrounds} backgrounds, {len(self.corrupt)} corrupt, "
                 f"{self.dropped} lines dropped, {sum(len(it.cls) for it in self.items)} objects")
+
+    def drop_box_rows(self, nc: int) -> list[str]:
+        """Segmentation: drop the rows without a polygon (``cls x1 y1 x2 y2`` is 2 points, read as a box), each
+        reported ``file:line``; returns those messages (also added to ``messages``)."""
+        new, wheres = [], set()
+        for it in self.items:
+            keep = np.array([len(s) > 0 for s in it.segments], dtype=bool)
+            if keep.all():
+                continue
+            path, lines = label_path(Path(it.im_file)), []
+            parse_label_file(path, nc, lines)  # the rows' line numbers (the cache keeps none)
+            for j in np.flatnonzero(~keep):
+                where = f"{path}:{lines[j]}" if len(lines) == len(keep) else str(path)
+                wheres.add(where)
+                new.append(f"{where}: 4 coordinates = 2 points; a polygon needs at least 3 (a segmentation "
+                           f"dataset needs a polygon for every object): line dropped")
+            it.cls, it.boxes = it.cls[keep], it.boxes[keep]
+            it.segments = [seg for seg, k in zip(it.segments, keep) if k]
+        if wheres:  # "clipped" messages about the box these rows were read as no longer apply
+            self.messages = [m for m in self.messages if m.split(": coordinates outside")[0] not in wheres]
+        self.messages.extend(new)
+        self.dropped += len(new)
+        return new
 
     def log(self, split: str) -> None:
         """Log every corrupt image and the first label problems (all of them are in ``messages``)."""

@@ -100,7 +100,7 @@ def iter_frames(paths: list[Path], skipped: list[str]):
             yield Frame(p, load_image(p))
         except BadImageError as e:
             LOGGER.warning(f"WARNING skipped {e}")
-            skipped.append(str(p))
+            skipped.append(str(e))
 
 
 def _video_frames(path: Path, skipped: list[str]):
@@ -110,7 +110,7 @@ def _video_frames(path: Path, skipped: list[str]):
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         LOGGER.warning(f"WARNING skipped {path}: cannot open video")
-        skipped.append(str(path))
+        skipped.append(f"{path}: cannot open video")
         return
     fps, i = cap.get(cv2.CAP_PROP_FPS) or 25.0, 0
     try:
@@ -124,7 +124,7 @@ def _video_frames(path: Path, skipped: list[str]):
         cap.release()
     if i == 0:
         LOGGER.warning(f"WARNING skipped {path}: no frames could be read")
-        skipped.append(str(path))
+        skipped.append(f"{path}: no frames could be read")
 
 
 def _batches(frames, size: int):
@@ -200,6 +200,10 @@ def predict(cfg: dict) -> list[Result]:
                         videos.write(f, drawn)
     finally:
         videos.close()
+    if not results:  # every source was unreadable: nothing to show, and exit 0 would hide it
+        more = f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""
+        raise UserError(f"source={cfg.get('source')}: nothing could be predicted: {skipped[0] if skipped else '?'}"
+                        f"{more}; give images (.jpg, .png, ...) or videos that PIL / OpenCV can read")
     task.write_predictions(results, save_dir, cfg)
     LOGGER.info(f"{len(results)} images predicted" + (f", {len(skipped)} unreadable skipped" if skipped else "")
                 + f". Results saved to {save_dir}")

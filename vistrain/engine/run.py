@@ -29,7 +29,7 @@ def resolve_model_source(cfg: dict) -> tuple[str, dict | None, dict | None]:
     """
     from vistrain.engine.checkpoint import is_vistrain_checkpoint, load_checkpoint
     from vistrain.nn.model import infer_task, load_model_yaml
-    from vistrain.nn.parser import ModelYAMLError
+    from vistrain.nn.parser import ModelYAMLError, check_rows
 
     ref = cfg.get("model")
     if not ref:
@@ -46,6 +46,8 @@ def resolve_model_source(cfg: dict) -> tuple[str, dict | None, dict | None]:
         return task, ckpt["model_yaml"], ckpt
     try:
         d = load_model_yaml(ref)
+        if d.get("arch") in (None, "yaml"):
+            check_rows(d)  # unknown modules and mistyped rows stop the run before the data are scanned
     except FileNotFoundError as e:
         raise UserError(f"model={ref}: {e}") from None
     except (ModelYAMLError, yaml.YAMLError) as e:
@@ -93,8 +95,12 @@ def resolve_task_and_model(cfg: dict, need_model: bool = True):
     model = None
     if ckpt is not None:
         from vistrain.nn.model import model_from_yaml
+        from vistrain.nn.parser import ModelYAMLError
 
-        model = model_from_yaml(model_yaml)
+        try:
+            model = model_from_yaml(model_yaml)
+        except ModelYAMLError as e:  # a checkpoint whose stored model YAML was edited or written elsewhere
+            raise UserError(f"model={cfg['model']}: its model YAML: {e}") from None
         model.load_state_dict(ckpt["model"])
     elif need_model:
         raise UserError(f"model={cfg['model']}: {cfg.get('_mode', 'this mode')} needs trained weights; "

@@ -49,6 +49,27 @@ def warmup_iterations(warmup_epochs: float, epochs: int, batches_per_epoch: int)
     return round(warmup_epochs * batches_per_epoch) if warmup_epochs > 0 else 0
 
 
+def warmup_accumulate(ni: int, warmup_iters: int, nbs: int, batch_size: int) -> int:
+    """Batches per optimizer step at warmup batch ``ni``: ramps from 1 to ``nbs / batch_size``."""
+    return max(1, int(np.interp(ni, [0, warmup_iters], [1, nbs / batch_size]).round()))
+
+
+def first_step_batch(start_epoch: int, epochs: int, batches_per_epoch: int, warmup_iters: int, nbs: int,
+                     batch_size: int, last_opt_step: int = -1) -> int | None:
+    """The run-wide batch index ``ni`` of the first optimizer step the run will take, or None if it takes none.
+
+    Mirrors ``Trainer.train_epoch``: warmup sets the accumulation for ``ni <= warmup_iters``, and a step
+    follows batch ``ni`` when ``ni - last_opt_step >= accumulate``.  Stops at the first step, so it costs at
+    most about ``nbs / batch_size`` iterations."""
+    accumulate = max(round(nbs / batch_size), 1)
+    for ni in range(start_epoch * batches_per_epoch, epochs * batches_per_epoch):
+        if ni <= warmup_iters:
+            accumulate = warmup_accumulate(ni, warmup_iters, nbs, batch_size)
+        if ni - last_opt_step >= accumulate:
+            return ni
+    return None
+
+
 class Trainer:
     """``Trainer(cfg).train()`` trains, validates each epoch, checkpoints, and returns final metrics."""
 
@@ -178,6 +199,7 @@ class Trainer:
         self.t_start = time.time()
         self.stop = False
         self.last_opt_step = getattr(self, "resume_last_opt_step", -1)
+        self.check_optimizer_steps(nb)
         LOGGER.info(f"train: {len(self.data.train)} images, val: {len(self.data.val)} images, {len(self.names)} "
                     f"classes, imgsz {cfg['imgsz']}, batch {self.batch_size} (x{self.accumulate} accumulation), "
                     f"device {self.device}\nLogging results to {self.save_dir}")
@@ -272,12 +294,31 @@ class Trainer:
     def warmup(self, ni: int) -> None:
         """Ramp lr from 0 (bias group: from warmup_bias_lr), momentum from warmup_momentum, accumulation from 1."""
         cfg, xi = self.cfg, [0, self.warmup_iters]
-        self.accumulate = max(1, int(np.interp(ni, xi, [1, cfg["nbs"] / self.batch_size]).round()))
+        self.accumulate = warmup_accumulate(ni, self.warmup_iters, cfg["nbs"], self.batch_size)
         for j, group in enumerate(self.optimizer.param_groups):
             start = cfg["warmup_bias_lr"] if j == 2 else 0.0
             group["lr"] = float(np.interp(ni, xi, [start, group["initial_lr"] * self.lf(self.epoch)]))
             if "momentum" in group:
                 group["momentum"] = float(np.interp(ni, xi, [cfg["warmup_momentum"], cfg["momentum"]]))
+
+    def check_optimizer_steps(self, nb: int) -> None:
+        """Stop before the first epoch when the run would never step the optimizer (too few batches for the
+        gradient accumulation ``nbs / batch``): it would 'complete' and save an untrained best.pt."""
+        cfg, bs = self.cfg, self.batch_size
+        if first_step_batch(self.start_epoch, self.epochs, nb, self.warmup_iters, cfg["nbs"], bs,
+                            self.last_opt_step) is not None:
+            return
+        total = (self.epochs - self.start_epoch) * nb
+        acc = max(round(cfg["nbs"] / bs), 1)
+        why = (f"no optimizer step would be taken: {total} batch(es) of {bs} in {self.epochs - self.start_epoch} "
+               f"epoch(s) ({len(self.data.train)} train images), but with nbs={cfg['nbs']} the optimizer steps "
+               f"once every {acc} batches (nbs / batch")
+        if self.resume_ckpt:
+            raise UserError(f"{why}); resume with a larger epochs=")
+        no_warmup = f", no warmup at epochs={self.epochs} warmup_epochs={cfg['warmup_epochs']}"
+        raise UserError(f"{why}{no_warmup if not self.warmup_iters else ''}); lower nbs (nbs={bs * max(total, 1)} "
+                        f"or less), or give more images or epochs (epochs >= 2 with warmup_epochs > 0 steps from "
+                        f"the first batch)")
 
     MAX_BAD_STEPS = 10  # non-finite losses / gradients in a row before training stops
 

@@ -44,6 +44,22 @@ def nms_settings(cfg: dict, mode: str, anchor_free: bool = False) -> dict:
             "agnostic": bool(cfg.get("agnostic_nms"))}
 
 
+def no_objects_message(data_file: str, split: str, labels) -> str:
+    """Why a split without a single object cannot be trained on (train) or scored (val), and what to fix."""
+    from vistrain.data.yolo import label_path
+
+    n = len(labels.items)
+    what = "nothing to learn from" if split == "train" else "0 objects cannot be scored"
+    if labels.dropped:
+        why = (f"all {labels.dropped} label rows were dropped (first: {labels.messages[0]}); fix those rows "
+               f"(cls cx cy w h or cls x1 y1 x2 y2 x3 y3 ..., normalised to 0..1)")
+    else:
+        why = (f"no label rows found (the labels of {labels.items[0].im_file} are read from "
+               f"{label_path(Path(labels.items[0].im_file))}); put the label .txt files under labels/ next to "
+               f"images/, or point '{split}:' at labelled images")
+    return f"data={data_file}: {split} split: 0 objects in {n} images, {what}: {why}"
+
+
 def _first_images(preds, n: int):
     """The raw outputs of the first ``n`` images of a batch (a list of levels, or a tuple holding one)."""
     if isinstance(preds, torch.Tensor):
@@ -105,10 +121,14 @@ class DetectTask:
         except DataYAMLError as e:
             raise UserError(str(e)) from None
         labels, cached = scan_split(images, data["nc"], workers=max(1, workers))
+        if labels.items:
+            self.check_labels(labels, split)
         labels.log(split)
         line = labels.summary(split) + (" (cached)" if cached else "")
         if not labels.items:
             raise UserError(f"data={data['yaml_file']}: {split}: no usable images ({line})")
+        if not any(len(it.cls) for it in labels.items):
+            raise UserError(no_objects_message(data["yaml_file"], split, labels))
         return labels, line
 
     def build_data(self, cfg: dict, need_train: bool = True) -> DataBundle:
@@ -121,12 +141,10 @@ class DetectTask:
         if need_train:
             labels, line = self.scan(data, "train", cfg["workers"])
             summary.append(line)
-            self.check_labels(labels, "train")
             train = DetectDataset(labels.items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
                                   rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"],
                                   mosaic_buffer=bool(cfg.get("mosaic_buffer")), **self.dataset_options(cfg))
         val_labels, line = self.scan(data, "val", cfg["workers"])
-        self.check_labels(val_labels, "val")
         summary.append(line)
         val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True,
                             batch_size=val_batch_size(cfg, need_train), **self.dataset_options(cfg))
@@ -137,7 +155,8 @@ class DetectTask:
         return {}
 
     def check_labels(self, labels, split: str) -> None:
-        """Stop early when the labels cannot serve this task (segmentation: boxes without polygons)."""
+        """Stop early when the labels cannot serve this task, or drop the rows that cannot (segmentation: box
+        rows) with a message in ``labels.messages``; called on every scanned split before it is logged."""
 
     # --- model hooks --------------------------------------------------------------------
     @property

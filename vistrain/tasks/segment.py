@@ -70,9 +70,14 @@ class SegmentTask(DetectTask):
         return {"masks": True, "mask_ratio": int(cfg["mask_ratio"]), "overlap": bool(cfg["overlap_mask"])}
 
     def check_labels(self, labels, split: str) -> None:
-        """A segmentation model needs a polygon for every object: stop at the first image that has boxes only."""
+        """A segmentation model needs a polygon for every object.  A split without any polygon (box labels)
+        stops the run; in a split of polygons, a row of 5 values (2 points, or a box) is reported ``file:line``
+        and dropped."""
         from vistrain.data.yolo import label_path
 
+        if any(it.has_polygons for it in labels.items):
+            labels.drop_box_rows(self.data_yaml["nc"])
+            return
         for it in labels.items:
             if len(it.cls) and (len(it.segments) != len(it.cls) or not all(len(s) for s in it.segments)):
                 raise UserError(f"{label_path(Path(it.im_file))}: box rows without polygons ({split} split); a "
