@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as e:
         print(f"vistrain {mode}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full, read-only or forbidden disk while writing results, plots or predictions
+        from vistrain.engine.utils import disk_error_message
+
+        message = disk_error_message(e)
+        if message is None:
+            raise
+        print(f"vistrain {mode}: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nvistrain: interrupted; weights/last.pt holds the last finished epoch (resume=True continues)",
               file=sys.stderr)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 from torch import nn
 
-from vistrain.engine.utils import LOGGER, UserError, increment_path, select_device
+from vistrain.engine.utils import LOGGER, UserError, disk_error_words, increment_path, is_disk_full, select_device
 
 
 def user_keys(cfg: dict) -> set[str]:
@@ -27,7 +29,7 @@ def resolve_model_source(cfg: dict) -> tuple[str, dict | None, dict | None]:
     A checkpoint carries its YAML and task; a name or YAML path is loaded (not yet built, since the
     number of classes may come from the data).
     """
-    from vistrain.engine.checkpoint import is_vistrain_checkpoint, load_checkpoint
+    from vistrain.engine.checkpoint import is_vistrain_checkpoint, load_checkpoint, not_vistrain_checkpoint
     from vistrain.nn.model import infer_task, load_model_yaml
     from vistrain.nn.parser import ModelYAMLError, check_rows
 
@@ -40,8 +42,7 @@ def resolve_model_source(cfg: dict) -> tuple[str, dict | None, dict | None]:
     if str(ref).endswith((".pt", ".pth")):
         ckpt = load_checkpoint(ref)
         if not is_vistrain_checkpoint(ckpt):
-            raise UserError(f"model={ref}: a bare state_dict, not a vistrain checkpoint; use model=NAME "
-                            f"pretrained={ref} to start from its weights")
+            raise UserError(not_vistrain_checkpoint(ref, ckpt))
         task = ckpt.get("task") or infer_task(ckpt["model_yaml"])
         return task, ckpt["model_yaml"], ckpt
     try:
@@ -113,5 +114,24 @@ def prepare_run(cfg: dict, task, default_name: str) -> tuple[Any, Path]:
     device = select_device(cfg.get("device"))
     name = cfg.get("name") or default_name
     save_dir = increment_path(Path(cfg.get("project") or "runs") / task.name / name, exist_ok=cfg.get("exist_ok"))
-    save_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(save_dir)
     return device, save_dir
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write (then remove) a small probe file in it, so a read-only, forbidden or full
+    disk stops the run now, with one line, instead of at the first save after an epoch of training."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as e:
+        reason = disk_error_words(e) or (e.strerror or str(e)).lower()
+        fix = "free some space or choose another project=" if is_disk_full(e) else "choose a writable project="
+        raise UserError(f"cannot write the run folder {folder}: {reason}; {fix}") from None

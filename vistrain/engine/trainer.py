@@ -70,6 +70,11 @@ def first_step_batch(start_epoch: int, epochs: int, batches_per_epoch: int, warm
     return None
 
 
+def csv_values(row: dict[str, Any]) -> dict[str, Any]:
+    """A results.csv row as written: floats to 6 significant digits."""
+    return {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+
+
 class Trainer:
     """``Trainer(cfg).train()`` trains, validates each epoch, checkpoints, and returns final metrics."""
 
@@ -142,6 +147,7 @@ class Trainer:
         self.start_epoch, self.best_fitness, self.best_epoch = 0, None, -1
         self.csv = self.save_dir / "results.csv"
         if self.resume_ckpt:
+            self.tidy_resumed_run(self.resume_ckpt)
             self.load_training_state(self.resume_ckpt)
         elif self.csv.exists():
             self.csv.unlink()
@@ -226,8 +232,9 @@ class Trainer:
             improved = self.best_fitness is None or fitness > self.best_fitness
             if improved:
                 self.best_fitness, self.best_epoch = fitness, epoch
-            self.log_epoch(train_losses, metrics, val_losses)
-            self.save_checkpoints(improved)
+            self.epoch_row = self.results_row(train_losses, metrics, val_losses)
+            self.save_checkpoints(improved)  # before the csv row: results.csv lists only epochs that were saved
+            self.log_epoch(self.epoch_row, metrics, val_losses)
             self.run_callbacks("on_epoch_end")
             if cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
                 LOGGER.info(f"early stop: no improvement in the last {cfg['patience']} epochs "
@@ -353,7 +360,8 @@ class Trainer:
             self.ema.update(self.model)
 
     # ------------------------------------------------------------------ logging and checkpoints
-    def log_epoch(self, train_losses: torch.Tensor, metrics, val_losses: torch.Tensor) -> None:
+    def results_row(self, train_losses: torch.Tensor, metrics, val_losses: torch.Tensor) -> dict[str, Any]:
+        """This epoch's results.csv row (also stored in the checkpoint, so resume can restore a row a crash lost)."""
         row = {"epoch": self.epoch + 1}
         row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, train_losses)})
         row.update({f"train/{n}": float(v) for n, v in zip(getattr(self.task, "train_metric_names", ()),
@@ -362,12 +370,16 @@ class Trainer:
         row.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
         row.update({f"lr/pg{j}": lr for j, lr in enumerate(self.epoch_lrs)})
         row["time"] = round(time.time() - self.t_start + self.elapsed_before, 2)
+        return row
+
+    def log_epoch(self, row: dict[str, Any], metrics, val_losses: torch.Tensor) -> None:
+        """Append ``row`` to results.csv, print the validation line, redraw results.png now and then."""
         new = not self.csv.exists()
         with open(self.csv, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow(csv_values(row))
         shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.results().items())
         vloss = "  ".join(f"{n} {float(v):.4g}" for n, v in zip(self.task.loss_names, val_losses))
         LOGGER.info(f"{'val':>10}  {shown}  val {vloss}  ({self.train_speed:.1f} img/s train)")
@@ -403,6 +415,7 @@ class Trainer:
             "metrics": {k: float(v) for k, v in self.metrics.results().items()},
             "elapsed": time.time() - self.t_start + self.elapsed_before,
             "rng": torch.get_rng_state(),
+            "results_row": dict(getattr(self, "epoch_row", {})),
             "task_state": self.task.state() if hasattr(self.task, "state") else {},
         }
 
@@ -436,6 +449,38 @@ class Trainer:
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended on resume
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()
+
+    def tidy_resumed_run(self, ckpt: dict) -> None:
+        """Remove the temp files of saves that a killed run left in weights/, and make results.csv list exactly
+        the epochs up to the checkpoint's: rows of later epochs (not saved) go, the checkpoint's own row comes
+        back from the checkpoint if a crash lost it."""
+        for pattern in ("last.pt.*.tmp", "best.pt.*.tmp"):
+            for tmp in self.wdir.glob(pattern):
+                tmp.unlink(missing_ok=True)
+        done = int(ckpt["epoch"]) + 1
+        rows, fields = [], None
+        if self.csv.exists():
+            with open(self.csv, newline="") as f:
+                reader = csv.DictReader(f)
+                rows, fields = list(reader), reader.fieldnames
+        kept = {}
+        for r in rows:  # a row cut short by a full disk has missing (None) fields: dropped
+            if None not in r and None not in r.values() and str(r.get("epoch", "")).isdigit():
+                if int(r["epoch"]) <= done:
+                    kept[int(r["epoch"])] = r
+        saved = ckpt.get("results_row")
+        if done not in kept and saved:
+            kept[done] = csv_values(saved)
+        if [kept[e] for e in sorted(kept)] == rows:
+            return
+        fields = fields or list(saved or {})
+        tmp = self.csv.with_name(self.csv.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept[e] for e in sorted(kept))
+        tmp.replace(self.csv)
+        LOGGER.info(f"resume: results.csv now lists the epochs up to {done}, the last one saved")
 
     def final(self) -> dict[str, Any]:
         """Validate best.pt, print the per-class report, write plots; return the final metrics."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
 import os
@@ -47,6 +48,38 @@ class UserError(RuntimeError):
     """
 
     exit_code = 2
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# what torch.save's C++ writer raises when the disk fills up mid-write (it does not keep the errno)
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "failed writing")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An ``OSError`` ENOSPC/EDQUOT, or torch.save's RuntimeError for a write that came up short."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL_ERRNOS
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_FAILED)
+
+
+def disk_error_words(e: OSError) -> str | None:
+    """'no space left on device', 'read-only file system', ... for the disk errors a user can fix, else None."""
+    return {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}.get(e.errno)
+
+
+def disk_error_message(e: OSError, path: str | Path | None = None) -> str | None:
+    """One line for a full, read-only or forbidden disk (``None`` for any other error)."""
+    what = disk_error_words(e)
+    path = path if path is not None else e.filename
+    if what is None:
+        return None
+    if e.errno in DISK_FULL_ERRNOS:
+        return f"{what} while writing {path}; free some space and run again" if path else what
+    if e.errno == errno.EROFS:
+        return f"{what} while writing {path}; choose a writable project=" if path else what
+    return f"{what}: {path}" if path else what  # (EACCES may come from reading as well as writing)
 
 
 def select_device(device: str | int | None) -> torch.device:
