@@ -15,10 +15,21 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from vistrain.nn.model import build_model  # noqa: E402
+
+def __getattr__(name: str) -> Any:
+    # build_model is imported on first use, so that `import vistrain` (and the `vistrain` command) does not load
+    # torch: OpenMP's wait policy can only be set before it loads (vistrain/utils/threads.py)
+    if name == "build_model":
+        from vistrain.nn.model import build_model
+
+        return build_model
+    raise AttributeError(f"module 'vistrain' has no attribute {name!r}")
 
 
 def _config(mode: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from vistrain.utils.threads import apply_threads, set_wait_policy
+
+    set_wait_policy()  # takes effect only if torch is not loaded yet (the import below loads it)
     from vistrain.config import get_config
     from vistrain.engine.utils import setup_logging
 
@@ -26,32 +37,36 @@ def _config(mode: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     cfg["_user_keys"] = sorted(kwargs)
     cfg["_mode"] = mode
     setup_logging(cfg.get("verbose", True))
+    apply_threads(cfg)
     return cfg
 
 
 def train(**kwargs: Any) -> dict[str, Any]:
     """Train a model; returns the final metrics of the best checkpoint and ``save_dir``."""
+    cfg = _config("train", kwargs)  # first: it sets the thread policy before torch loads
     from vistrain.engine.trainer import Trainer
 
-    return Trainer(_config("train", kwargs)).train()
+    return Trainer(cfg).train()
 
 
 def val(**kwargs: Any) -> dict[str, Any]:
     """Validate a checkpoint on the validation split of ``data`` (default: the data it trained on)."""
+    cfg = _config("val", kwargs)
     from vistrain.engine.validator import val as run_val
 
-    return run_val(_config("val", kwargs))
+    return run_val(cfg)
 
 
 def predict(model: str | None = None, source: Any = None, **kwargs: Any):
     """Predict ``source`` (files, folders, globs) with a checkpoint; returns one Result per image."""
-    from vistrain.engine.predictor import predict as run_predict
-
     if model is not None:
         kwargs["model"] = str(model)
     if source is not None:
         kwargs["source"] = source if isinstance(source, (list, tuple)) else str(source)
-    return run_predict(_config("predict", kwargs))
+    cfg = _config("predict", kwargs)
+    from vistrain.engine.predictor import predict as run_predict
+
+    return run_predict(cfg)
 
 
 __all__ = ["build_model", "train", "val", "predict", "__version__"]

@@ -82,6 +82,9 @@ def data_mode(args: list[str], cfg: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vistrain.utils.threads import apply_threads, set_wait_policy
+
+    set_wait_policy()  # OpenMP threads sleep rather than spin when waiting; only before torch loads (next import)
     from vistrain.config import ConfigError, get_config, parse_cli_args
     from vistrain.engine.utils import UserError, setup_logging
 
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["_user_keys"] = sorted(overrides)
         cfg["_mode"] = mode
         setup_logging(cfg["verbose"])
+        apply_threads(cfg)  # torch's intra-op threads (key threads)
         if mode == "train":
             from vistrain.engine.trainer import Trainer
 

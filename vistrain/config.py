@@ -24,8 +24,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
     "optimizer": ("auto", "SGD", "Adam", "AdamW"),
 }
-NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "lr0", "lrf", "weight_decay", "warmup_epochs", "nbs",
-                "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
+NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf", "weight_decay", "warmup_epochs",
+                "nbs", "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
                 "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det"}
 POSITIVE = {"batch", "imgsz", "nbs", "nc", "epochs", "n", "topk", "mask_ratio"}

@@ -116,6 +116,14 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    limit_worker_threads()
+
+
+def limit_worker_threads() -> None:
+    """One torch thread and no OpenCV thread pool per worker process (vistrain/utils/threads.py)."""
+    from vistrain.utils.threads import limit_worker_threads as limit
+
+    limit()
 
 
 def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
