@@ -4,7 +4,8 @@ mixup, warps, HSV, flips, random resized crops, dropout), with ``workers=0`` and
 
 The killed run is a real process that sends itself SIGKILL from a callback after a given batch: no ``finally``,
 no atexit, no flush.  The uninterrupted reference runs with the other ``workers`` setting (0 or 2): every sample
-being a function of (seed, epoch, index), the number of loader processes must not change a bit either.
+being a function of (seed, epoch, index), the number of loader processes must not change a bit either.  The
+CPU thread count does change bits, so resume restores the interrupted run's count (checked here too).
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ from vistrain.config import get_config
 from vistrain.data.synthetic import make_dataset
 from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.engine.trainer import Trainer
+from vistrain.utils.threads import resolve_threads
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 
 KILLER = r"""
 import json, os, signal, sys
 from vistrain.config import get_config
 from vistrain.engine.trainer import Trainer
+from vistrain.utils.threads import resolve_threads
 
 kw, (kill_epoch, kill_batch) = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 cfg = get_config(kw)
@@ -83,16 +93,19 @@ def csv_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-# (family, workers of the interrupted and resumed run): the reference ran with the other setting, so each family
-# checks that neither the kill nor the number of loader processes changes a bit
+# (family, workers of the interrupted run): the reference and the resumed run use the other setting, so each
+# family checks that neither the kill nor the number of loader processes changes a bit. The thread count does
+# (CPU kernels split their sums by thread): the interrupted run takes the automatic count for its workers, the
+# reference is given that count, and the resumed run, whose workers would choose another one on 2 CPUs, must
+# take it back from last.pt
 CASES = [("classify", 2), ("yolov5n", 0), ("yolov8n", 2), ("yolov8n-seg", 0)]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(datasets, tmp_path_factory) -> dict[str, Path]:
     project = tmp_path_factory.mktemp("full")
-    return {f: train_in_process(**run_config(f, datasets), workers=2 - w, project=str(project), name=f)
-            for f, w in CASES}
+    return {f: train_in_process(**run_config(f, datasets), workers=2 - w, threads=resolve_threads(0, w),
+                                project=str(project), name=f) for f, w in CASES}
 
 
 @pytest.mark.parametrize("family, workers", CASES)
@@ -107,7 +120,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(family, workers, datasets, 
     last = run / "weights" / "last.pt"
     assert load_checkpoint(last)["epoch"] == KILL_AT[0] - 1  # the killed epoch was never saved
 
-    train_in_process(resume=str(last), workers=workers)
+    torch.set_num_threads(resolve_threads(0, 2 - workers))
+    train_in_process(resume=str(last), workers=2 - workers)
+    resumed_threads = torch.get_num_threads()
 
     a, b = load_checkpoint(uninterrupted[family]), load_checkpoint(last)
     assert b["epoch"] == a["epoch"] == 2
@@ -121,3 +136,4 @@ def test_killed_and_resumed_run_equals_uninterrupted(family, workers, datasets, 
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]  # the killed epoch's row is not there twice
     for ra, rb in zip(full_rows, rows):  # losses and metrics of every epoch, as logged
         assert {k: v for k, v in ra.items() if k != "time"} == {k: v for k, v in rb.items() if k != "time"}
+    assert resumed_threads == resolve_threads(0, workers)  # the interrupted run's count, from last.pt

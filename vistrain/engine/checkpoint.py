@@ -30,7 +30,7 @@ from torch import nn
 from vistrain.engine.utils import UserError, disk_error_message, is_disk_full
 
 FORMAT_VERSION = 1
-TRAINING_STATE = ("train_model", "optimizer", "grads", "scaler", "rng")  # what only resume needs
+TRAINING_STATE = ("train_model", "optimizer", "grads", "scaler", "rng", "threads")  # what only resume needs
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:

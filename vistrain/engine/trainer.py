@@ -26,11 +26,12 @@ from vistrain.engine.run import build_run_model, get_task_for, prepare_run, publ
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
 from vistrain.engine.validator import make_loader, run_validation
 from vistrain.nn.model import set_memory_format
+from vistrain.utils.threads import apply_threads
 from vistrain.tasks.base import val_batch_size
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
 # keys a user may change when resuming; everything else comes from the interrupted run
-RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "workers", "plots", "verbose")
+RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "workers", "threads", "plots", "verbose")
 RESULTS_PLOT_EVERY_S = 60.0  # results.png is redrawn after an epoch at most this often (about 1 s a time), and at the end
 
 
@@ -92,6 +93,10 @@ class Trainer:
             given = set(cfg.get("_user_keys", ()))
             cfg = {**self.resume_ckpt["train_args"], **{k: cfg[k] for k in RESUME_OVERRIDABLE if k in given},
                    "resume": str(path), "_resume_dir": str(path.parent.parent)}
+            if "threads" not in given and self.resume_ckpt.get("threads"):
+                # the interrupted run's thread count: CPU kernels split their sums by thread, so another count
+                # (another workers=, another machine) would change the weights in the last bits, and then more
+                cfg["threads"] = int(self.resume_ckpt["threads"])
             LOGGER.info(f"resume: {path} (epoch {self.resume_ckpt['epoch'] + 1} done)")
         self.cfg = cfg
 
@@ -107,6 +112,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        self.threads = apply_threads(cfg)
         init_seeds(cfg["seed"], cfg["deterministic"])
         task_name, model_yaml, ckpt = resolve_model_source(cfg)
         self.task = get_task_for(cfg, task_name)
@@ -208,7 +214,8 @@ class Trainer:
         self.check_optimizer_steps(nb)
         LOGGER.info(f"train: {len(self.data.train)} images, val: {len(self.data.val)} images, {len(self.names)} "
                     f"classes, imgsz {cfg['imgsz']}, batch {self.batch_size} (x{self.accumulate} accumulation), "
-                    f"device {self.device}\nLogging results to {self.save_dir}")
+                    f"device {self.device}" + (f", {self.threads} CPU threads" if self.device.type == "cpu" else "")
+                    + f"\nLogging results to {self.save_dir}")
         self.run_callbacks("on_train_start")
         # gradients accumulate across epoch boundaries (an optimizer step every `accumulate` batches of
         # the whole run, as YOLOv5 and ultralytics do): zeroed here (unless resumed with pending ones, which
@@ -414,7 +421,7 @@ class Trainer:
             "imgsz": self.cfg["imgsz"], "train_args": public_args(self.cfg),
             "metrics": {k: float(v) for k, v in self.metrics.results().items()},
             "elapsed": time.time() - self.t_start + self.elapsed_before,
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state(), "threads": torch.get_num_threads(),
             "results_row": dict(getattr(self, "epoch_row", {})),
             "task_state": self.task.state() if hasattr(self.task, "state") else {},
         }
