@@ -128,6 +128,17 @@ def test_resume_continues_exactly(colour_folder):
         make_trainer(resume="runs/classify/full/weights/best.pt")
 
 
+def test_resume_of_a_moved_run_continues_where_last_pt_is(colour_folder):
+    part = make_trainer(data=str(colour_folder), epochs=2, plots=False, name="moved", **FAST)
+    part.add_callback("on_epoch_end", lambda t: (_ for _ in ()).throw(Interrupt()))
+    with pytest.raises(Interrupt):
+        part.train()
+    os.rename("runs", "elsewhere")
+    make_trainer(resume="elsewhere/classify/moved/weights/last.pt").train()
+    assert not Path("runs").exists()  # nothing made at the run's old place
+    assert [int(r["epoch"]) for r in rows(Path("elsewhere/classify/moved/results.csv"))] == [1, 2]
+
+
 def test_bad_and_odd_images_train_with_warnings(colour_folder, capsys):
     red = colour_folder / "red"
     base = np.full((32, 32, 3), (220, 30, 30), np.uint8)

@@ -22,8 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint, strip_training_state
-from vistrain.engine.run import build_run_model, get_task_for, prepare_run, public_args, resolve_model_source
-from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds
+from vistrain.engine.run import (build_run_model, check_writable, get_task_for, prepare_run, public_args,
+                                 resolve_model_source)
+from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds, select_device
 from vistrain.engine.validator import make_loader, run_validation
 from vistrain.nn.model import set_memory_format
 from vistrain.utils.threads import apply_threads
@@ -116,9 +117,9 @@ class Trainer:
         init_seeds(cfg["seed"], cfg["deterministic"])
         task_name, model_yaml, ckpt = resolve_model_source(cfg)
         self.task = get_task_for(cfg, task_name)
-        if cfg.get("_resume_dir"):
-            self.device, self.save_dir = prepare_run({**cfg, "exist_ok": True}, self.task, "train")
-            self.save_dir = Path(cfg["_resume_dir"])
+        if cfg.get("_resume_dir"):  # the folder last.pt is in, wherever the run was moved to
+            self.device, self.save_dir = select_device(cfg.get("device")), Path(cfg["_resume_dir"])
+            check_writable(self.save_dir)
         else:
             self.device, self.save_dir = prepare_run(cfg, self.task, "train")
         self.wdir = self.save_dir / "weights"
