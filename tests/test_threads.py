@@ -87,7 +87,8 @@ def test_train_api_sets_threads(tmp_path):
 
 
 def test_worker_init_limits_threads():
-    from vistrain.engine.utils import limit_worker_threads, seed_worker
+    from vistrain.engine.utils import seed_worker
+    from vistrain.utils.threads import limit_worker_threads
 
     torch.set_num_threads(2)
     cv2.setNumThreads(2)

@@ -116,14 +116,9 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    limit_worker_threads()
+    from vistrain.utils.threads import limit_worker_threads
 
-
-def limit_worker_threads() -> None:
-    """One torch thread and no OpenCV thread pool per worker process (vistrain/utils/threads.py)."""
-    from vistrain.utils.threads import limit_worker_threads as limit
-
-    limit()
+    limit_worker_threads()  # one torch thread, no OpenCV pool: workers do not oversubscribe the cores
 
 
 def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
