@@ -16,6 +16,9 @@ from vistrain.nn.parser import ModelYAMLError, parse_model, scale_factors
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "cfg" / "models"
 _SCALED_NAME = re.compile(r"^(yolov\d+)([nslmx])(.*)$")
+_DASH_SCALED = re.compile(r"^(efficientdet|efficientnet)-(\w+)$")  # efficientdet-d0, efficientnet-b3
+TIMM_PREFIX = "timm:"
+ARCHS = ("yaml", "resnet", "efficientdet", "efficientnet", "timm")
 
 
 class YAMLModel(nn.Module):
@@ -102,8 +105,10 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
 
 def infer_task(cfg: dict) -> str:
     """The task a YAML's last layer implies."""
-    if cfg.get("arch") == "resnet":
+    if cfg.get("arch") in ("resnet", "efficientnet", "timm"):
         return "classify"
+    if cfg.get("arch") == "efficientdet":
+        return "detect"
     rows = list(cfg.get("backbone") or []) + list(cfg.get("head") or [])
     last = str(rows[-1][2]).replace("nn.", "") if rows else ""
     return {"Detect": "detect", "Segment": "segment"}.get(last, "classify")
@@ -117,6 +122,8 @@ def builtin_models() -> list[str]:
         m = re.match(r"^(yolov\d+)(.*)$", p.stem)
         if d.get("scales") and m:
             names += [f"{m.group(1)}{s}{m.group(2)}" for s in d["scales"]]
+        elif d.get("scales") and _DASH_SCALED.match(f"{p.stem}-x"):
+            names += [f"{p.stem}-{s}" for s in d["scales"]]
         else:
             names.append(p.stem)
     return names
@@ -128,7 +135,16 @@ def load_model_yaml(name_or_path: str | Path) -> dict:
     A scaled name picks the scale: ``yolov5s-cls`` -> ``yolov5-cls.yaml`` with ``scale: s``.
     """
     s = str(name_or_path)
+    if s.startswith(TIMM_PREFIX):
+        return {"arch": "timm", "task": "classify", "timm_name": s[len(TIMM_PREFIX):], "nc": 1000, "name": s}
     path = Path(s)
+    dash = _DASH_SCALED.match(s)
+    if dash and (MODELS_DIR / f"{dash.group(1)}.yaml").exists():
+        d = pyyaml.safe_load((MODELS_DIR / f"{dash.group(1)}.yaml").read_text())
+        if dash.group(2) not in d["scales"]:
+            raise FileNotFoundError(f"model {s!r}: {dash.group(1)} comes in "
+                                    f"{', '.join(dash.group(1) + '-' + k for k in d['scales'])}")
+        return {**d, "scale": dash.group(2), "name": s}
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
             builtin = MODELS_DIR / path.name
@@ -153,6 +169,10 @@ def load_model_yaml(name_or_path: str | Path) -> dict:
         d = pyyaml.safe_load(path.read_text())
     if not isinstance(d, dict):
         raise ModelYAMLError(f"{path}: a model YAML must be a mapping")
+    if d.get("arch") in ("efficientdet", "efficientnet"):
+        d.setdefault("scale", d["scales"][0])
+        d.setdefault("name", f"{stem}-{d['scale']}")
+        return d
     if d.get("scales") and not d.get("scale"):
         m = _SCALED_NAME.match(stem)
         d["scale"] = m.group(2) if m and m.group(2) in d["scales"] else next(iter(d["scales"]))
@@ -168,13 +188,28 @@ def model_from_yaml(d: dict, num_classes: int | None = None, imgsz: int | None =
         d["nc"] = int(num_classes)
     if imgsz is not None and d.get("imgsz") is not None:
         d["imgsz"] = int(imgsz)
+    arch = d.get("arch")
+    if arch == "efficientdet":
+        from vistrain.nn.efficientdet import EFFICIENTDET, EfficientDet
+
+        if d.get("scale", "d0") not in EFFICIENTDET:
+            raise ModelYAMLError(f"efficientdet scale {d.get('scale')!r} unknown; use one of {list(EFFICIENTDET)}")
+        return EfficientDet(d, in_channels=in_channels)
+    if arch in ("efficientnet", "timm"):
+        from vistrain.nn.efficientdet import EFFICIENTNET_IMGSZ, efficientnet
+
+        if arch == "efficientnet" and d.get("scale", "b0") not in EFFICIENTNET_IMGSZ:
+            raise ModelYAMLError(f"efficientnet scale {d.get('scale')!r} unknown; use one of "
+                                 f"{list(EFFICIENTNET_IMGSZ)}")
+        return efficientnet(d, in_channels=in_channels)
     scale_factors(d, d.get("scale"))  # validates the scale early
     if d.get("arch") == "resnet":
         from vistrain.nn.resnet import ResNet
 
         return ResNet(d, in_channels=in_channels)
     if d.get("arch") not in (None, "yaml"):
-        raise ModelYAMLError(f"unknown arch {d['arch']!r}; use 'resnet' or leave it out for YAML rows")
+        raise ModelYAMLError(f"unknown arch {d['arch']!r}; use one of {', '.join(ARCHS[1:])} or leave it out for "
+                             f"YAML rows")
     return YAMLModel(d, in_channels=in_channels)
 
 
