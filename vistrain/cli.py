@@ -13,12 +13,14 @@ MODES = {
     "val": "validate a checkpoint (vistrain val model=runs/classify/train/weights/best.pt)",
     "predict": "predict images (vistrain predict model=best.pt source=DIR|FILE|GLOB)",
     "summary": "print a model's layers, parameters and GFLOPs (vistrain summary model=resnet50 nc=1000)",
-    "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0)",
+    "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0), or write "
+            "a Pascal VOC folder's split lists (vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 "
+            "seed=0)",
     "help": "this text; `vistrain MODE help` lists the keys, `vistrain help models` the built-in models",
 }
 MODE_KEYS = {
     "summary": ("model", "nc", "imgsz", "device"),
-    "data": ("out", "n", "imgsz", "seed", "workers"),
+    "data": ("out", "n", "imgsz", "seed", "workers", "data", "exist_ok"),
     "val": ("model", "data", "imgsz", "batch", "workers", "device", "project", "name", "exist_ok", "plots",
             "save_json", "verbose", "split", "seed"),
     "predict": ("model", "source", "imgsz", "batch", "device", "project", "name", "exist_ok", "save", "save_json",
@@ -67,18 +69,55 @@ def summary(cfg: dict) -> None:
     print(summarize(model, imgsz=cfg["imgsz"]).table())
 
 
-def data_mode(args: list[str], cfg: dict) -> None:
+SPLIT_KEYS = {"trainval": 0.9, "train": 0.9}  # `data split` only: fractions, as the VOC tutorials' voc_annotation.py
+
+
+def data_split(cfg: dict, fractions: dict) -> None:
+    """``vistrain data split data=VOC_FOLDER trainval=0.9 train=0.9 seed=0``: write ImageSets/Main/*.txt."""
+    from vistrain.data.voc import write_voc_splits
+    from vistrain.data.yolo import DataYAMLError
+    from vistrain.engine.utils import UserError
+
+    if not cfg.get("data"):
+        raise UserError("usage: vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 seed=0")
+    try:
+        values = {k: float(fractions.get(k, d)) for k, d in SPLIT_KEYS.items()}
+    except ValueError:
+        bad = next(k for k in fractions if not _is_number(fractions[k]))
+        raise UserError(f"{bad}={fractions[bad]!r}: expected a fraction in 0..1") from None
+    try:
+        counts = write_voc_splits(cfg["data"], seed=cfg["seed"], exist_ok=cfg["exist_ok"], **values)
+    except DataYAMLError as e:
+        raise UserError(str(e)) from None
+    total = counts["trainval"] + counts["test"]
+    print(f"{cfg['data']}/ImageSets/Main: {total} annotated images -> trainval {counts['trainval']} (train "
+          f"{counts['train']}, val {counts['val']}), test {counts['test']} (trainval={values['trainval']} "
+          f"train={values['train']} seed={cfg['seed']})")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def data_mode(args: list[str], cfg: dict, fractions: dict | None = None) -> None:
     from vistrain.data.synthetic import make_dataset
     from vistrain.engine.utils import UserError
 
+    if args and args[0] == "split":
+        return data_split(cfg, fractions or {})
     if not args or args[0] != "make":
-        raise UserError("usage: vistrain data make out=DIR n=1000 imgsz=320 seed=0")
+        raise UserError("usage: vistrain data make out=DIR n=1000 imgsz=320 seed=0, or vistrain data split "
+                        "data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 seed=0")
     import time
 
     t0 = time.time()
     out = make_dataset(cfg["out"], n=cfg["n"], imgsz=cfg["imgsz"], seed=cfg["seed"], workers=max(1, cfg["workers"]))
     print(f"built-in dataset written to {out} in {time.time() - t0:.1f}s (n={cfg['n']} imgsz={cfg['imgsz']} "
-          f"seed={cfg['seed']}): classify/, detect/, segment/, voc/, data.yaml")
+          f"seed={cfg['seed']}): classify/, detect/, segment/, voc/, coco/, data.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "data" and rest and "=" not in rest[0]:
             sub, rest = [rest[0]], rest[1:]
         overrides = parse_cli_args(rest)
+        fractions = {}
         if mode == "data":
             overrides.setdefault("imgsz", "320")
+            if sub == ["split"]:  # its fractions are no config keys (train= would read as a path elsewhere)
+                fractions = {k: overrides.pop(k) for k in SPLIT_KEYS if k in overrides}
         cfg = get_config(overrides)
         cfg["_user_keys"] = sorted(overrides)
         cfg["_mode"] = mode
@@ -129,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         elif mode == "summary":
             summary(cfg)
         elif mode == "data":
-            data_mode(sub, cfg)
+            data_mode(sub, cfg, fractions)
         return 0
     except (ConfigError, UserError) as e:
         print(f"vistrain {mode}: {e}", file=sys.stderr)

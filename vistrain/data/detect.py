@@ -172,6 +172,8 @@ class DetectDataset(Dataset):
         inst = A.apply_letterbox(inst, ratio, pad)
         it = self.items[j]
         ori = {"cls": it.cls.copy(), "boxes": _xywhn_to_xyxy(it.boxes, w0, h0)}
+        if it.difficult is not None and it.difficult.any():  # Pascal VOC: left out of scoring, not of the image
+            ori["difficult"] = it.difficult.copy()
         if self.masks:
             ori["segments"] = [sg * np.array([w0, h0], np.float32) for sg in it.segments]
         return self._pack(out, inst, it.im_file, (h0, w0), (scale, pad), ori)

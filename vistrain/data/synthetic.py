@@ -3,7 +3,7 @@
 vistrain uses this dataset in every mode when the user gives no data. It is generated
 deterministically from a seed with numpy + Pillow only, and written in several common
 on-disk formats so that each task (classify / detect / segment) and each loader
-(YOLO txt, Pascal VOC XML, ImageFolder) can be exercised without downloads.
+(YOLO txt, Pascal VOC XML, COCO JSON, ImageFolder) can be exercised without downloads.
 
 Every shape is a polygon with integer pixel vertices drawn with ``ImageDraw.polygon``.
 The label polygon stores each vertex at the centre of its pixel, ``(v + 0.5) / imgsz``, so
@@ -27,10 +27,19 @@ splits)::
       voc/Annotations/<idx>.xml
       voc/ImageSets/Main/{train,val}.txt
       voc/data.yaml
+      coco/images/{train,val}/<idx>.jpg          # hard links of the detect images
+      coco/annotations/instances_{train,val}.json  # boxes + polygons, category ids 1..6
+      coco/data.yaml
+
+The VOC and COCO copies hold the same boxes as ``detect/`` (and COCO the polygons of
+``segment/``), so each reader can be checked against the YOLO labels: VOC boxes are the
+1-based pixel indices of the painted area's edges, COCO boxes and polygons go through the
+centres of the edge pixels (``x0 + 0.5`` .. ``x1 + 0.5`` in pixels, as the YOLO labels).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -318,8 +327,20 @@ def _write_classify(out: Path, seed: int, imgsz: int, idxs: list[int], n_train: 
     return len(idxs)
 
 
+def _coco_annotation(idx: int, o: ShapeObject) -> dict:
+    """COCO annotation of a shape (``id`` set later): box and polygon through the centres of the edge pixels."""
+    x0, y0, x1, y1 = o.box
+    poly = o.polygon.astype(np.float64) + 0.5
+    x, y = poly[:, 0], poly[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return {"image_id": idx, "category_id": o.cls + 1, "bbox": [x0 + 0.5, y0 + 0.5, float(x1 - x0), float(y1 - y0)],
+            "area": area, "iscrowd": 0, "segmentation": [poly.reshape(-1).tolist()]}
+
+
 def _write_detect(out: Path, seed: int, imgsz: int, idxs: list[int], n_train: int,
-                  backgrounds: set[int]) -> int:
+                  backgrounds: set[int]) -> list[tuple[str, dict, list[dict]]]:
+    """Write the images and labels of ``idxs``; return their COCO records ``(split, image, annotations)``."""
+    coco = []
     for idx in idxs:
         im, objs = render_detect(seed, idx, imgsz, background=idx in backgrounds)
         split = "train" if idx < n_train else "val"
@@ -338,14 +359,31 @@ def _write_detect(out: Path, seed: int, imgsz: int, idxs: list[int], n_train: in
         _link_or_copy(img_path, out / "voc" / "JPEGImages" / f"{stem}.jpg")
         (out / "voc" / "Annotations" / f"{stem}.xml").write_text(
             _voc_xml(f"{stem}.jpg", imgsz, objs))
-    return len(idxs)
+        _link_or_copy(img_path, out / "coco" / "images" / split / f"{stem}.jpg")
+        coco.append((split, {"id": idx, "file_name": f"{stem}.jpg", "width": imgsz, "height": imgsz},
+                     [_coco_annotation(idx, o) for o in objs]))
+    return coco
 
 
-def _run_task(task: tuple) -> int:
+def _run_task(task: tuple) -> int | list:
     kind, *args = task
     if kind == "classify":
         return _write_classify(*args)
     return _write_detect(*args)
+
+
+def _write_coco(out: Path, records: list[tuple[str, dict, list[dict]]]) -> None:
+    """``coco/annotations/instances_{train,val}.json`` from the per-image records, annotation ids 1.. per file."""
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPE_NAMES)]
+    for split in ("train", "val"):
+        images, annotations = [], []
+        for s, image, anns in sorted(records, key=lambda r: r[1]["id"]):
+            if s == split:
+                images.append(image)
+                annotations += [{"id": len(annotations) + k + 1, **a} for k, a in enumerate(anns)]
+        doc = {"info": {"description": "vistrain synthetic shapes"}, "images": images, "annotations": annotations,
+               "categories": categories}
+        (out / "coco" / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
 
 
 def _write_yaml(path: Path, data: dict) -> None:
@@ -370,6 +408,8 @@ def _build(out: Path, final: Path, n: int, imgsz: int, seed: int, val_fraction: 
                 (out / task / sub / s).mkdir(parents=True, exist_ok=True)
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (out / "voc" / sub).mkdir(parents=True, exist_ok=True)
+    for sub in ("images/train", "images/val", "annotations"):
+        (out / "coco" / sub).mkdir(parents=True, exist_ok=True)
 
     tasks: list[tuple] = []
     for i in range(0, n, _CHUNK):
@@ -379,11 +419,10 @@ def _build(out: Path, final: Path, n: int, imgsz: int, seed: int, val_fraction: 
     workers = int(workers or 1)
     if workers > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(min(workers, len(tasks))) as ex:
-            for _ in ex.map(_run_task, tasks):
-                pass
+            results = list(ex.map(_run_task, tasks))
     else:
-        for t in tasks:
-            _run_task(t)
+        results = [_run_task(t) for t in tasks]
+    _write_coco(out, [r for chunk in results if isinstance(chunk, list) for r in chunk])
 
     ids = {"train": range(0, n_train), "val": range(n_train, n)}
     for s in splits:
@@ -399,6 +438,9 @@ def _build(out: Path, final: Path, n: int, imgsz: int, seed: int, val_fraction: 
         "path": str(final / "voc"), "format": "voc",
         "train": "ImageSets/Main/train.txt", "val": "ImageSets/Main/val.txt",
         "images": "JPEGImages", "annotations": "Annotations", "names": names})
+    _write_yaml(out / "coco" / "data.yaml", {
+        "path": str(final / "coco"), "format": "coco",
+        "train": "annotations/instances_train.json", "val": "annotations/instances_val.json", "names": names})
     shutil.copyfile(out / "detect" / "data.yaml", out / "data.yaml")
 
     n_bg = len(backgrounds)
@@ -409,7 +451,8 @@ def _build(out: Path, final: Path, n: int, imgsz: int, seed: int, val_fraction: 
         f"{', '.join(SHAPE_NAMES)} assigned round-robin) and {n} detection images ({n_train} "
         f"train / {n - n_train} val, 1-6 non-overlapping shapes each, {n_bg} background images "
         "with empty label files) stored with YOLO box labels (detect/), YOLO polygon labels "
-        "over the same hard-linked images (segment/) and Pascal VOC XML (voc/); data.yaml at "
+        "over the same hard-linked images (segment/), Pascal VOC XML (voc/) and COCO instances "
+        "JSON with boxes and polygons (coco/); data.yaml at "
         "the top is the default detection dataset. Every shape is an integer-vertex polygon "
         "painted with PIL, and label polygons put each vertex at its pixel centre, so the "
         "polygon is the exact mask. All images are RGB JPEG (quality 90), "

@@ -12,6 +12,10 @@ a bad line drops that line (or, for coordinates slightly out of range, is clippe
 image.  Unreadable images are skipped.  The result is cached under ``$VISTRAIN_CACHE`` (default
 ``~/.cache/vistrain``), keyed by the split and invalidated by a hash of the image and label files'
 paths, sizes and modification times.  User files are only ever read.
+
+Pascal VOC (``vistrain.data.voc``) and COCO JSON (``vistrain.data.coco``) datasets are read into the same
+:class:`ImageLabels`, verified and cached the same way: :func:`load_data` resolves ``data=`` (a YAML, a folder, a
+JSON) and :func:`scan_data_split` reads a split of any of the three formats.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -31,7 +36,8 @@ from PIL import Image
 from vistrain.data.image import BadImageError, is_image_file, load_image
 
 LOGGER = logging.getLogger("vistrain")
-CACHE_VERSION = 2  # 2: label files read as utf-8-sig (a BOM no longer drops the first row)
+CACHE_VERSION = 3  # 2: label files read as utf-8-sig (a BOM no longer drops the first row); 3: difficult, source
+FORMATS = ("yolo", "voc", "coco")
 COORD_TOL = 0.01  # coordinates within this of 0..1 are clipped silently; beyond it, clipped with a message
 MAX_MESSAGES = 30  # label problems printed per split; the rest are counted
 _CHECK_DRAFT = (64, 64)
@@ -57,7 +63,7 @@ def _names_list(names, source: str) -> list[str]:
     raise DataYAMLError(f"{source}: 'names' must be a list of class names or a dict {{0: name, ...}}")
 
 
-DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download")
+DATA_KEYS = ("path", "train", "val", "test", "names", "nc", "download", "format")
 
 
 def _misspelt_key(data: dict) -> tuple[str, str] | None:
@@ -94,19 +100,74 @@ def load_data_yaml(path: str | os.PathLike) -> dict:
         raise DataYAMLError(f"{file}: not a text file") from None
     if not isinstance(data, dict):
         raise DataYAMLError(f"{file}: expected a mapping with keys path, train, val, names")
-    missing = [k for k in ("train", "val", "names") if k not in data]
+    fmt = _yaml_format(data, file)
+    needed = ("train", "val", "names") if fmt == "yolo" else ("train", "val")  # VOC / COCO files name the classes
+    missing = [k for k in needed if k not in data]
     typo = _misspelt_key(data)
     if typo:
         raise DataYAMLError(f"unknown key '{typo[0]}' in {file}; did you mean '{typo[1]}'?")
     if missing:
-        raise DataYAMLError(f"{file}: missing key(s) {', '.join(missing)} (a dataset YAML needs train, val, names)")
+        raise DataYAMLError(f"{file}: missing key(s) {', '.join(missing)} (a dataset YAML needs {', '.join(needed)})")
     root = Path(data.get("path") or ".").expanduser()
     if not root.is_absolute():
         root = (file.parent / root).resolve()
-    names = _names_list(data["names"], str(file))
-    if data.get("nc") is not None and int(data["nc"]) != len(names):
-        raise DataYAMLError(f"{file}: nc={data['nc']} but names lists {len(names)} classes")
-    return {**data, "path": str(root), "names": names, "nc": len(names), "yaml_file": str(file.resolve())}
+    out = {**data, "path": str(root), "format": fmt, "yaml_file": str(file.resolve())}
+    if data.get("names") is not None or fmt == "yolo":
+        out["names"] = _names_list(data.get("names"), str(file))
+        out["nc"] = len(out["names"])
+    else:
+        out.pop("names", None)
+    if fmt == "voc":
+        from vistrain.data.voc import complete_voc_data
+
+        out = complete_voc_data(out)
+    elif fmt == "coco":
+        from vistrain.data.coco import complete_coco_data
+
+        out = complete_coco_data(out)
+    if data.get("nc") is not None and int(data["nc"]) != len(out["names"]):
+        raise DataYAMLError(f"{file}: nc={data['nc']} but names lists {len(out['names'])} classes")
+    return {**out, "nc": len(out["names"])}
+
+
+def _yaml_format(data: dict, file: Path) -> str:
+    """``format:`` of a dataset YAML; without one, ``coco`` when its train split names .json files, else yolo."""
+    fmt = data.get("format")
+    if fmt in (None, ""):
+        train = data.get("train")
+        entries = train if isinstance(train, (list, tuple)) else [train]
+        return "coco" if entries and all(str(e).lower().endswith(".json") for e in entries) else "yolo"
+    if str(fmt).lower() not in FORMATS:
+        raise DataYAMLError(f"{file}: format: {fmt}; expected one of {', '.join(FORMATS)}")
+    return str(fmt).lower()
+
+
+def load_data(ref: str | os.PathLike) -> dict:
+    """The dataset ``data=`` names, as :func:`load_data_yaml` returns it (``format`` set): a dataset YAML; a folder
+    holding ``data.yaml``; a Pascal VOC folder (``Annotations/`` + ``JPEGImages/``); a COCO instances JSON; or a
+    folder with COCO JSONs (``annotations/instances_*.json``)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        from vistrain.data.coco import coco_folder_jsons, load_coco_json_data
+        from vistrain.data.voc import is_voc_root, load_voc_folder
+
+        if (path / "data.yaml").is_file():
+            return load_data_yaml(path / "data.yaml")
+        if is_voc_root(path):
+            return load_voc_folder(path)
+        jsons = coco_folder_jsons(path)
+        if jsons:
+            return load_coco_json_data(jsons[0], jsons[1])
+        raise DataYAMLError(f"data={ref}: a folder without data.yaml, without Annotations/ + JPEGImages/ (Pascal VOC) "
+                            f"and without annotations/instances_*.json (COCO); give a dataset YAML (path, train, val, "
+                            f"names)")
+    if not path.exists():
+        raise DataYAMLError(f"data={ref}: file does not exist")
+    if path.suffix.lower() == ".json":
+        from vistrain.data.coco import load_coco_json_data
+
+        return load_coco_json_data(path)
+    return load_data_yaml(path)
 
 
 def _resolve(root: Path, p: str | os.PathLike) -> Path:
@@ -159,10 +220,26 @@ class ImageLabels:
     cls: np.ndarray  # int64[N]
     boxes: np.ndarray  # float32[N, 4] cx, cy, w, h
     segments: list[np.ndarray] = field(default_factory=list)  # N float32[K, 2] polygons ([0, 2] for box rows)
+    difficult: np.ndarray | None = None  # bool[N]: Pascal VOC's <difficult>1</difficult>; all False for YOLO / COCO
+    source: str = ""  # where the labels were read, for messages (a VOC XML, 'x.json: image a.jpg'); "" = YOLO .txt
+    object_ids: np.ndarray | None = None  # int64[N]: each object's number in `source` (1-based); None for YOLO
+
+    def __post_init__(self):
+        if self.difficult is None:
+            self.difficult = np.zeros(len(self.cls), bool)
 
     @property
     def has_polygons(self) -> bool:
         return any(len(s) for s in self.segments)
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep the objects where ``mask`` (bool[N]) is True, in every per-object field."""
+        mask = np.asarray(mask, bool)
+        self.cls, self.boxes, self.difficult = self.cls[mask], self.boxes[mask], self.difficult[mask]
+        if len(self.segments) == len(mask):
+            self.segments = [s for s, k in zip(self.segments, mask) if k]
+        if self.object_ids is not None:
+            self.object_ids = self.object_ids[mask]
 
 
 def _parse_line(text: str, nc: int) -> tuple[int, np.ndarray] | str:
@@ -305,7 +382,9 @@ class SplitLabels:
     items: list[ImageLabels]
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (image, reason)
     messages: list[str] = field(default_factory=list)  # "file:line: problem"
-    dropped: int = 0  # label lines dropped
+    dropped: int = 0  # label lines (YOLO) or objects (VOC, COCO) dropped
+    unit: str = "lines"  # what `dropped` counts
+    notes: list[str] = field(default_factory=list)  # not problems, logged as info (COCO crowd objects skipped)
 
     @property
     def backgrounds(self) -> int:
@@ -313,7 +392,17 @@ class SplitLabels:
 
     def summary(self, split: str) -> str:
         return (f"{split}: {len(self.items)} images, {self.backgrounds} backgrounds, {len(self.corrupt)} corrupt, "
-                f"{self.dropped} lines dropped, {sum(len(it.cls) for it in self.items)} objects")
+                f"{self.dropped} {self.unit} dropped, {sum(len(it.cls) for it in self.items)} objects")
+
+    def drop_difficult(self) -> int:
+        """Leave out the objects marked difficult (the images stay), as ultralytics' and the VOC tutorials'
+        converters do for training; returns how many."""
+        n = 0
+        for it in self.items:
+            if it.difficult.any():
+                n += int(it.difficult.sum())
+                it.keep(~it.difficult)
+        return n
 
     def drop_box_rows(self, nc: int) -> list[str]:
         """Segmentation: drop the rows without a polygon (``cls x1 y1 x2 y2`` is 2 points, read as a box), each
@@ -323,6 +412,12 @@ class SplitLabels:
             keep = np.array([len(s) > 0 for s in it.segments], dtype=bool)
             if keep.all():
                 continue
+            if it.source:  # VOC / COCO: the object's number in its annotation file
+                ids = it.object_ids if it.object_ids is not None else np.arange(1, len(keep) + 1)
+                new += [f"{it.source}: object {ids[j]}: no polygon (a segmentation dataset needs a polygon for every "
+                        f"object): dropped" for j in np.flatnonzero(~keep)]
+                it.keep(keep)
+                continue
             path, lines = label_path(Path(it.im_file)), []
             parse_label_file(path, nc, lines)  # the rows' line numbers (the cache keeps none)
             for j in np.flatnonzero(~keep):
@@ -330,8 +425,7 @@ class SplitLabels:
                 wheres.add(where)
                 new.append(f"{where}: 4 coordinates = 2 points; a polygon needs at least 3 (a segmentation "
                            f"dataset needs a polygon for every object): line dropped")
-            it.cls, it.boxes = it.cls[keep], it.boxes[keep]
-            it.segments = [seg for seg, k in zip(it.segments, keep) if k]
+            it.keep(keep)
         if wheres:  # "clipped" messages about the box these rows were read as no longer apply
             self.messages = [m for m in self.messages if m.split(": coordinates outside")[0] not in wheres]
         self.messages.extend(new)
@@ -340,6 +434,8 @@ class SplitLabels:
 
     def log(self, split: str) -> None:
         """Log every corrupt image and the first label problems (all of them are in ``messages``)."""
+        for note in self.notes:
+            LOGGER.info(f"{split}: {note}")
         for path, reason in self.corrupt:
             LOGGER.warning(f"{split}: skipping image {path}: {reason}")
         for msg in self.messages[:MAX_MESSAGES]:
@@ -350,15 +446,21 @@ class SplitLabels:
     # -- cache (JSON: no pickled code) --
     def to_json(self) -> dict:
         items = [{"im_file": it.im_file, "shape": list(it.shape), "cls": it.cls.tolist(), "boxes": it.boxes.tolist(),
-                  "segments": [s.tolist() for s in it.segments]} for it in self.items]
-        return {"items": items, "corrupt": self.corrupt, "messages": self.messages, "dropped": self.dropped}
+                  "segments": [s.tolist() for s in it.segments], "difficult": it.difficult.tolist(),
+                  "source": it.source, "object_ids": None if it.object_ids is None else it.object_ids.tolist()}
+                 for it in self.items]
+        return {"items": items, "corrupt": self.corrupt, "messages": self.messages, "dropped": self.dropped,
+                "unit": self.unit}
 
     @classmethod
     def from_json(cls, d: dict) -> "SplitLabels":
         items = [ImageLabels(it["im_file"], tuple(it["shape"]), np.array(it["cls"], np.int64).reshape(-1),
                              np.array(it["boxes"], np.float32).reshape(-1, 4),
-                             [np.array(s, np.float32).reshape(-1, 2) for s in it["segments"]]) for it in d["items"]]
-        return cls(items, [tuple(c) for c in d["corrupt"]], list(d["messages"]), int(d["dropped"]))
+                             [np.array(s, np.float32).reshape(-1, 2) for s in it["segments"]],
+                             np.array(it["difficult"], bool).reshape(-1), it["source"],
+                             None if it["object_ids"] is None else np.array(it["object_ids"], np.int64).reshape(-1))
+                 for it in d["items"]]
+        return cls(items, [tuple(c) for c in d["corrupt"]], list(d["messages"]), int(d["dropped"]), d["unit"])
 
 
 def cache_dir() -> Path:
@@ -366,23 +468,48 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VISTRAIN_CACHE") or "~/.cache/vistrain").expanduser()
 
 
+def _stat_lines(h, paths) -> None:
+    for p in paths:
+        try:
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}|-\n".encode())
+
+
 def files_hash(images: list[Path], nc: int) -> str:
     """Hash of the images' and label files' paths, sizes and modification times (and ``nc``)."""
     h = hashlib.sha256(f"v{CACHE_VERSION} nc={nc}".encode())
     for image in images:
-        for p in (image, label_path(image)):
-            try:
-                st = p.stat()
-                h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{p}|-\n".encode())
+        _stat_lines(h, (image, label_path(image)))
     return h.hexdigest()
 
 
 def scan_split(images: list[Path], nc: int, workers: int = 2, use_cache: bool = True) -> tuple[SplitLabels, bool]:
     """Verify ``images`` and their labels -> ``(SplitLabels, loaded from cache)``."""
-    digest = files_hash(images, nc)
-    key = hashlib.sha256("\n".join(map(str, images[:1] + images[-1:])).encode() + str(len(images)).encode())
+    return scan_entries(images, _verify_one_image(nc), lambda image: (image, label_path(image)), f"nc={nc}",
+                        workers=workers, use_cache=use_cache)
+
+
+def _verify_one_image(nc: int) -> Callable[[Path], tuple]:
+    return lambda image: _verify_one((image, nc))
+
+
+def scan_entries(entries: list, verify: Callable[[Any], tuple], files_of: Callable[[Any], tuple], salt: str,
+                 workers: int = 2, use_cache: bool = True, unit: str = "lines",
+                 fmt: str = "yolo") -> tuple[SplitLabels, bool]:
+    """Verify a split of any format -> ``(SplitLabels, loaded from cache)``.
+
+    ``verify(entry)`` returns ``(ImageLabels or None, messages, dropped, corrupt reason or None)``; ``files_of(entry)``
+    the files it reads, the image first (their paths, sizes and modification times, with ``salt``, key the cache).
+    """
+    h = hashlib.sha256(f"v{CACHE_VERSION} {salt}".encode())
+    for entry in entries:
+        _stat_lines(h, files_of(entry))
+    digest = h.hexdigest()
+    ends = [files_of(e)[0] for e in entries[:1] + entries[-1:]]
+    prefix = "" if fmt == "yolo" else f"{fmt}\n"  # the same images read as YOLO and as VOC are two caches
+    key = hashlib.sha256((prefix + "\n".join(map(str, ends))).encode() + str(len(entries)).encode())
     cache_file = cache_dir() / "labels" / f"{key.hexdigest()[:24]}.json"
     if use_cache and cache_file.is_file():
         try:
@@ -392,11 +519,11 @@ def scan_split(images: list[Path], nc: int, workers: int = 2, use_cache: bool = 
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or stale cache: rescan
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes without the GIL
-        results = list(pool.map(_verify_one, [(p, nc) for p in images], chunksize=16))
-    out = SplitLabels([])
-    for image, (labels, messages, dropped, reason) in zip(images, results):
+        results = list(pool.map(verify, entries, chunksize=16))
+    out = SplitLabels([], unit=unit)
+    for entry, (labels, messages, dropped, reason) in zip(entries, results):
         if reason is not None:
-            out.corrupt.append((str(image), reason))
+            out.corrupt.append((str(files_of(entry)[0]), reason))
             continue
         out.items.append(labels)
         out.messages.extend(messages)
@@ -410,3 +537,22 @@ def scan_split(images: list[Path], nc: int, workers: int = 2, use_cache: bool = 
         except OSError as e:  # a read-only home must not stop training
             LOGGER.warning(f"label cache not written ({cache_file}: {e.strerror})")
     return out, False
+
+
+def data_format(data: dict) -> str:
+    """``yolo``, ``voc`` or ``coco``: how ``data`` (from :func:`load_data`) stores its labels."""
+    return str(data.get("format") or "yolo").lower()
+
+
+def scan_data_split(data: dict, split: str, workers: int = 2, use_cache: bool = True) -> tuple[SplitLabels, bool]:
+    """Read and verify ``data[split]`` in whatever format ``data`` has -> ``(SplitLabels, loaded from cache)``."""
+    fmt = data_format(data)
+    if fmt == "voc":
+        from vistrain.data.voc import scan_voc_split
+
+        return scan_voc_split(data, split, workers=workers, use_cache=use_cache)
+    if fmt == "coco":
+        from vistrain.data.coco import scan_coco_split
+
+        return scan_coco_split(data, split, workers=workers, use_cache=use_cache)
+    return scan_split(list_split_images(data, split), data["nc"], workers=workers, use_cache=use_cache)

@@ -1,6 +1,7 @@
 """Box detection metrics by the COCO definition: mAP50 and mAP50-95 equal to pycocotools' ``COCOeval``
 (iouType 'bbox', area 'all', maxDets 100), plus P / R at the best mean-F1 confidence, a confusion
-matrix with a background class, curves and COCO JSON export.
+matrix with a background class, curves and COCO JSON export; on request (``voc=True``) also Pascal VOC
+AP50, all-point (VOC2010+) and 11-point (VOC2007), by the VOC devkit's own matching.
 
 Conventions:
 
@@ -8,7 +9,16 @@ Conventions:
   in float64 exactly as ``coco_predictions`` writes them, and IoU is pycocotools' (no +1 pixel), so
   the numbers here and those of ``COCOeval`` on the written JSON agree to rounding error.
 - COCO category id = class index + ``CATEGORY_ID_OFFSET`` (1), everywhere (JSON files and tests).
-- Nothing is crowd, nothing is ignored. Boxes with ``x2 < x1`` or ``y2 < y1`` get width / height 0.
+- Nothing is crowd. Boxes with ``x2 < x1`` or ``y2 < y1`` get width / height 0.
+- ``difficult`` ground truth (``update(..., difficult=)``, Pascal VOC's flag) is excluded from scoring:
+  for the COCO metrics it is what pycocotools calls an ignored (``_ignore``), non-crowd gt: it is not
+  counted in the positives, a detection may match it only when no regular gt is left for it at that IoU
+  threshold, and a detection matched to it counts neither as TP nor FP; like any non-crowd gt it takes
+  one detection, so a second one on it is FP (what ``COCOeval`` does with an ignored, non-crowd gt;
+  tests/test_metrics_voc.py checks it against ``COCOeval`` with those gts set ``ignore``). For VOC AP it
+  is what the devkit does with ``difficult``: not counted in ``npos``, and every detection whose best gt
+  it is, however many, is ignored.
+  Without ``difficult`` every number is bit-identical to what it was before the flag existed.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ CONF_GRID = np.linspace(0.0, 1.0, 1000)  # confidences of the P / R / F1 curves
 CATEGORY_ID_OFFSET = 1
 _CHUNK_ELEMENTS = 1 << 21  # images are matched in chunks of at most this many det x gt pairs
 _CHUNK_IMAGES = 512
+VOC_IOU = 0.5
+VOC07_RECALLS = np.arange(0.0, 1.1, 0.1)  # as voc_eval's use_07_metric loop (0.30000000000000004, ...)
 LOGGER = logging.getLogger("vistrain")
 
 
@@ -46,6 +58,18 @@ def _as_array(x: Any, cols: int) -> np.ndarray:
 
 def _as_classes(x: Any) -> np.ndarray:
     return np.rint(_as_array(x, 1)[:, 0]).astype(np.int64)
+
+
+def _as_flags(x: Any, n: int) -> np.ndarray:
+    """``None`` or a bool / 0-1 array of ``n`` flags -> ``ndarray[n]`` bool."""
+    if x is None:
+        return np.zeros(n, bool)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x).reshape(-1)
+    if len(x) != n:
+        raise ValueError(f"{len(x)} difficult flags for {n} gt boxes")
+    return x.astype(bool)
 
 
 def xyxy_to_coco(boxes: np.ndarray) -> np.ndarray:
@@ -83,30 +107,50 @@ def _top_per_class(scores: np.ndarray, classes: np.ndarray, k: int = MAX_DETS) -
     return order[rank < k]
 
 
-def _greedy_coco(iou: np.ndarray, n_dets: np.ndarray) -> np.ndarray:
+def _last_best(cand: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``cand (ndarray[..., T, G])`` -> (last index of the maximum over G, whether that maximum >= ``thr``)."""
+    best = cand.shape[-1] - 1 - cand[..., ::-1].argmax(-1)
+    return best, np.take_along_axis(cand, best[..., None], -1)[..., 0] >= thr
+
+
+def _greedy_coco(iou: np.ndarray, n_dets: np.ndarray,
+                 gt_ignore: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """COCOeval.evaluateImg's matching, for a batch of images at every IoU threshold at once.
 
     ``iou (ndarray[B, D, G])``: detections of each image in score order, IoU -1 for a pair of
     different classes or a padding gt; ``n_dets (ndarray[B])`` real detections per image, images
     sorted by ``n_dets`` descending. Each detection takes the unmatched gt of highest IoU that is
     >= the threshold, the last such gt on ties (pycocotools' ``iou < best: continue`` rule).
-    Returns ``tp (ndarray[B, D, T])`` bool.
+    ``gt_ignore (ndarray[B, G])`` bool, optional: ignored (non-crowd) gts, which pycocotools sorts
+    last and reaches only when no regular gt was matched (``if m > -1 and gtIg[m] == 0 and gtIg[gind]
+    == 1: break``); a detection matched to one is ignored (``dtIgnore``).
+    Returns ``(tp, ignored)``, each ``ndarray[B, D, T]`` bool (``ignored`` None without ``gt_ignore``);
+    ``tp`` excludes the ignored detections.
     """
     b_all, d_all, g_all = iou.shape
     thr = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)
     tp = np.zeros((b_all, d_all, len(thr)), bool)
+    ignored = None if gt_ignore is None else np.zeros_like(tp)
     if g_all == 0:
-        return tp
+        return tp, ignored
     taken = np.zeros((b_all, len(thr), g_all), bool)
     for r in range(d_all):
         nb = int(np.count_nonzero(n_dets > r))  # images are sorted, so these are the first nb
         cand = np.where(taken[:nb], -np.inf, iou[:nb, r, None, :])  # [nb, T, G]
-        best = g_all - 1 - cand[..., ::-1].argmax(-1)  # last index of the maximum
-        hit = np.take_along_axis(cand, best[..., None], -1)[..., 0] >= thr
-        tp[:nb, r] = hit
+        if gt_ignore is None:
+            best, hit = _last_best(cand, thr)
+            tp[:nb, r] = hit
+        else:
+            ig = gt_ignore[:nb, None, :]
+            best, hit = _last_best(np.where(ig, -np.inf, cand), thr)  # regular gts first
+            best_ig, hit_ig = _last_best(np.where(ig, cand, -np.inf), thr)
+            tp[:nb, r] = hit
+            ignored[:nb, r] = on_ig = hit_ig & ~hit
+            best = np.where(hit, best, best_ig)
+            hit = hit | on_ig
         b, t = np.nonzero(hit)
         taken[b, t, best[b, t]] = True
-    return tp
+    return tp, ignored
 
 
 def _greedy_pairs(iou: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,11 +184,12 @@ def _smooth(y: np.ndarray, half: int = 50) -> np.ndarray:
     return np.convolve(padded, np.ones(2 * half + 1) / (2 * half + 1), mode="valid")
 
 
-def _coco_precision(tp: np.ndarray, n_gt: int) -> np.ndarray:
+def _coco_precision(tp: np.ndarray, n_gt: int, ignored: np.ndarray | None = None) -> np.ndarray:
     """COCOeval.accumulate for one category: ``tp (ndarray[N, T])`` of all its detections in score
-    order -> interpolated precision ``ndarray[T, R]`` at ``RECALL_THRESHOLDS``."""
+    order (and which of them are ignored, ``ignored (ndarray[N, T])``: neither TP nor FP, their rows kept
+    as pycocotools keeps them) -> interpolated precision ``ndarray[T, R]`` at ``RECALL_THRESHOLDS``."""
     tps = np.cumsum(tp, 0).T.astype(float)
-    fps = np.cumsum(~tp, 0).T.astype(float)
+    fps = np.cumsum(~tp if ignored is None else ~tp & ~ignored, 0).T.astype(float)
     rc = tps / n_gt
     pr = tps / (fps + tps + np.spacing(1))
     pr = np.flip(np.maximum.accumulate(np.flip(pr, 1), 1), 1)  # precision made monotone
@@ -166,6 +211,63 @@ def _pr_curves(tp50: np.ndarray, scores: np.ndarray, n_gt: int) -> tuple[np.ndar
     p = np.interp(-CONF_GRID, -scores, tpc / (tpc + fpc), left=1.0)
     r = np.interp(-CONF_GRID, -scores, tpc / n_gt, left=0.0)
     return p, r
+
+
+def voc_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a (ndarray[N, 4])`` and ``b (ndarray[M, 4])`` x1, y1, x2, y2 -> ``ndarray[N, M]``, as
+    ``voc_eval`` computes it but continuous (no +1 pixel): boxes are pixel-edge coordinates. Widths and
+    heights are clipped at 0; a pair of union 0 has IoU 0."""
+    a, b = a[:, None, :], b[None, :, :]
+    iw = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0.0)
+    ih = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0.0)
+    inters = iw * ih
+    uni = (np.maximum(a[..., 2] - a[..., 0], 0.0) * np.maximum(a[..., 3] - a[..., 1], 0.0)
+           + np.maximum(b[..., 2] - b[..., 0], 0.0) * np.maximum(b[..., 3] - b[..., 1], 0.0) - inters)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(uni > 0, inters / uni, 0.0)
+
+
+def _voc_match(pred: np.ndarray, boxes: np.ndarray, cls: np.ndarray,
+               difficult: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The VOC devkit's matching in one image, all detections (no per-image limit), in the order given.
+
+    In score order (stable: ties keep their order), each detection looks at the gt of its class with the
+    highest IoU (the first on ties, taken or not); IoU >= ``VOC_IOU`` and that gt not difficult: TP if the
+    gt was not taken yet by a higher-scored detection, else FP; IoU >= ``VOC_IOU`` on a difficult gt:
+    neither; otherwise FP. Since the gt a detection looks at does not depend on what is taken, "taken" is
+    "an earlier detection looked at it". Returns ``(tp, fp)``, each ``ndarray[N]`` bool.
+    """
+    n = len(pred)
+    tp = np.zeros(n, bool)
+    if not n or not len(boxes):
+        return tp, np.ones(n, bool)
+    pcls = np.rint(pred[:, 5]).astype(np.int64)
+    iou = np.where(pcls[:, None] == cls[None, :], voc_iou(pred[:, :4], boxes), -np.inf)
+    jmax = iou.argmax(1)
+    hit = iou[np.arange(n), jmax] >= VOC_IOU
+    on_difficult = hit & difficult[jmax]
+    order = np.argsort(-pred[:, 4], kind="stable")
+    order = order[(hit & ~on_difficult)[order]]
+    _, first = np.unique(jmax[order], return_index=True)
+    tp[order[first]] = True
+    return tp, ~tp & ~on_difficult
+
+
+def voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool = False) -> float:
+    """``voc_eval.voc_ap``: AP from recall and precision (``ndarray[N]``, score order). All-point
+    (VOC2010+): the area under the precision envelope at every recall change; 11-point (VOC2007): the
+    mean over recall 0, 0.1, ..., 1 of the highest precision at a recall >= it (0 where none)."""
+    if use_07_metric:
+        ap = 0.0
+        for t in VOC07_RECALLS:
+            p = np.max(prec[rec >= t]) if np.sum(rec >= t) else 0.0
+            ap = ap + p / 11.0
+        return float(ap)
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.concatenate(([0.0], prec, [0.0]))
+    mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
 class DetectMetrics:
@@ -192,13 +294,33 @@ class DetectMetrics:
     ``ClassifyMetrics`` and ultralytics), index ``nc`` = background. Detections with score >=
     ``matrix_conf`` are matched one-to-one to ground truth of any class at IoU >= ``matrix_iou``,
     highest IoU first: a pair adds to ``[pred, true]``, a missed gt to ``[nc, true]`` (background
-    row), an unmatched detection to ``[pred, nc]`` (background column).
+    row), an unmatched detection to ``[pred, nc]`` (background column). A pair with a difficult gt and a
+    difficult gt left over add nothing.
+
+    ``difficult`` ground truth (``update(..., difficult=)``) is left out of the scoring as the module
+    docstring says; ``instances`` and ``images_per_class`` still count it, ``instances_difficult
+    (ndarray[nc] int)`` counts it alone, and "a class with ground truth" means one with a gt that is not
+    difficult.
+
+    With ``voc=True`` (boxes only): Pascal VOC AP at IoU 0.5 per class, ``voc_ap50`` all-point
+    (``voc_eval(use_07_metric=False)``, VOC2010+) and ``voc07_ap50`` 11-point (VOC2007), ``ndarray[nc]``,
+    NaN for a class without ground truth; their means over classes with ground truth are the results
+    ``metrics/VOC_AP50(B)`` and ``metrics/VOC07_AP50(B)`` and two more columns of ``summary_lines``.
+    VOC's rules, not COCO's: every detection counts (no 100 per image), all detections of a class are
+    ranked by score over the dataset (ties: image order of ``update``, then row order), each looks only at
+    its best-IoU gt of its class (taken or not; ``_voc_match``), IoU >= 0.5 as the VOC devkit's
+    ``VOCevaldet.m`` (py-faster-rcnn's ``voc_eval.py`` has > 0.5), and IoU is continuous (``voc_iou``),
+    not voc_eval's +1 pixel, since boxes here are pixel-edge coordinates (as torchvision's and effdet's
+    VOC evaluators).
     """
 
     def __init__(self, names: Sequence[str] | dict[int, str], matrix_conf: float = 0.25, matrix_iou: float = 0.45,
-                 iou_type: str = "bbox"):
+                 iou_type: str = "bbox", voc: bool = False):
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type={iou_type!r}: 'bbox' or 'segm'")
+        if voc and iou_type != "bbox":
+            raise ValueError("voc=True: Pascal VOC AP is for boxes (iou_type 'bbox')")
+        self.voc = bool(voc)
         self.names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
         self.nc = len(self.names)
         self.matrix_conf, self.matrix_iou = matrix_conf, matrix_iou
@@ -213,20 +335,24 @@ class DetectMetrics:
         self.preds: list[np.ndarray] = []  # per image [N, 6], as given
         self.pred_rles: list[list[dict]] = []  # segm: per image the RLE of each prediction
         self.gt_rles: list[list[dict]] = []  # segm: per image the RLE of each ground-truth instance
+        self.difficult: list[np.ndarray] = []  # per image [M] bool
         self.instances = np.zeros(nc, np.int64)
+        self.instances_difficult = np.zeros(nc, np.int64)
         self.images_per_class = np.zeros(nc, np.int64)
         self._ids: set = set()
         self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_pairs = 0
-        self._stats: list[tuple[np.ndarray, ...]] = []  # per chunk: score, cls, tp [n, T], image index, rank
+        self._stats: list[tuple[np.ndarray, ...]] = []  # per chunk: score, cls, tp [n, T], image, rank, ignored [n, T]
+        self._voc_stats: list[tuple[np.ndarray, ...]] = []  # per image: score, cls, tp, fp, image index, row
         self._matrix = np.zeros((nc + 1, nc + 1), np.int64)
         self._result: dict[str, np.ndarray] | None = None
 
     # --- accumulation -------------------------------------------------------------------------
     def update(self, pred: torch.Tensor, gt_boxes: torch.Tensor, gt_cls: torch.Tensor, image_id: Any = None,
                image_size: tuple[int, int] | None = None, file_name: str | None = None,
-               pred_masks: Any = None, gt_masks: Any = None) -> None:
-        """Add one image: ``pred (Tensor[N, 6])``, ``gt_boxes (Tensor[M, 4])``, ``gt_cls (Tensor[M])``.
+               pred_masks: Any = None, gt_masks: Any = None, difficult: Any = None) -> None:
+        """Add one image: ``pred (Tensor[N, 6])``, ``gt_boxes (Tensor[M, 4])``, ``gt_cls (Tensor[M])``;
+        ``difficult (Tensor / ndarray / list [M] bool)``, optional: gts left out of the scoring (VOC).
 
         ``image_id`` defaults to the running image count; a string of digits becomes an int (as COCO
         ids); an id seen before gets a ``_2``, ``_3`` suffix and a warning. ``image_size`` is
@@ -249,6 +375,10 @@ class DetectMetrics:
         pcls = np.rint(pred[:, 5]).astype(np.int64)
         if len(boxes) != len(cls):
             raise ValueError(f"image {image_id}: {len(boxes)} gt boxes but {len(cls)} gt classes")
+        try:
+            diff = _as_flags(difficult, len(cls))
+        except ValueError as e:
+            raise ValueError(f"image {image_id} ({file_name}): {e}") from None
         for what, c in (("gt", cls), ("predicted", pcls)):
             if len(c) and (c.min() < 0 or c.max() >= self.nc):
                 raise ValueError(f"image {image_id}: {what} class {int(c[(c < 0) | (c >= self.nc)][0])} "
@@ -263,13 +393,18 @@ class DetectMetrics:
         if self.iou_type == "segm":
             self.pred_rles.append(pred_rles)
             self.gt_rles.append(gt_rles)
+        self.difficult.append(diff)
         self.instances += np.bincount(cls, minlength=self.nc)
+        self.instances_difficult += np.bincount(cls[diff], minlength=self.nc)
         self.images_per_class[np.unique(cls)] += 1
+        if self.voc:
+            tp, fp = _voc_match(pred, boxes, cls, diff)
+            self._voc_stats.append((pred[:, 4], pcls, tp, fp, np.full(len(pred), index), np.arange(len(pred))))
         keep = _top_per_class(pred[:, 4], pcls)
         pairs = len(keep) * len(boxes)
         if self._pending and self._pending_pairs + pairs > _CHUNK_ELEMENTS:
             self._flush()
-        self._pending.append((index, pred[keep], boxes, cls, keep))
+        self._pending.append((index, pred[keep], boxes, cls, keep, diff))
         self._pending_pairs += pairs
         if len(self._pending) >= _CHUNK_IMAGES:
             self._flush()
@@ -300,9 +435,11 @@ class DetectMetrics:
         det = np.zeros((bsz, dn, 6))
         gt = np.zeros((bsz, gn, 4))
         gcls = np.full((bsz, gn), -1, np.int64)
+        gdiff = np.zeros((bsz, gn), bool)
         n_dets = np.array([len(it[1]) for it in items])
-        for b, (_, p, boxes, cls, _) in enumerate(items):
-            det[b, : len(p)], gt[b, : len(boxes)], gcls[b, : len(cls)] = p, boxes, cls
+        for b, (_, p, boxes, cls, _, diff) in enumerate(items):
+            det[b, : len(p)], gt[b, : len(boxes)], gcls[b, : len(cls)], gdiff[b, : len(diff)] = p, boxes, cls, diff
+        any_difficult = bool(gdiff.any())
         dcls = np.rint(det[..., 5]).astype(np.int64)
         dvalid = np.arange(dn) < n_dets[:, None]
         if self.iou_type == "bbox":
@@ -310,22 +447,27 @@ class DetectMetrics:
                            xyxy_to_coco(gt.reshape(-1, 4)).reshape(bsz, gn, 4))
         else:
             iou = np.zeros((bsz, dn, gn))
-            for b, (index, p, boxes, _, keep) in enumerate(items):
+            for b, (index, p, boxes, _, keep, _) in enumerate(items):
                 iou[b, : len(p), : len(boxes)] = mask_iou([self.pred_rles[index][k] for k in keep], self.gt_rles[index])
         iou = np.where(dvalid[:, :, None] & (gcls[:, None, :] >= 0), iou, -1.0)
-        tp = _greedy_coco(np.where(dcls[:, :, None] == gcls[:, None, :], iou, -1.0), n_dets)
+        tp, ignored = _greedy_coco(np.where(dcls[:, :, None] == gcls[:, None, :], iou, -1.0), n_dets,
+                                   gdiff if any_difficult else None)
         image_index = np.array([it[0] for it in items])
         self._stats.append((det[..., 4][dvalid], dcls[dvalid], tp[dvalid],
                             np.broadcast_to(image_index[:, None], dvalid.shape)[dvalid],
-                            np.broadcast_to(np.arange(dn), dvalid.shape)[dvalid]))
+                            np.broadcast_to(np.arange(dn), dvalid.shape)[dvalid],
+                            ignored[dvalid] if any_difficult else np.zeros((int(dvalid.sum()), 0), bool)))
         self._update_matrix(np.where((det[..., 4] >= self.matrix_conf)[:, :, None], iou, -1.0),
-                            dcls, gcls, dvalid & (det[..., 4] >= self.matrix_conf))
+                            dcls, gcls, dvalid & (det[..., 4] >= self.matrix_conf), gdiff)
 
-    def _update_matrix(self, iou: np.ndarray, dcls: np.ndarray, gcls: np.ndarray, dconf: np.ndarray) -> None:
-        """``iou (ndarray[B, D, G])`` class-agnostic, -1 for padding and low-score detections."""
+    def _update_matrix(self, iou: np.ndarray, dcls: np.ndarray, gcls: np.ndarray, dconf: np.ndarray,
+                       gdiff: np.ndarray) -> None:
+        """``iou (ndarray[B, D, G])`` class-agnostic, -1 for padding and low-score detections; pairs with a
+        difficult gt (``gdiff (ndarray[B, G])``) and difficult gts left over are not counted."""
         b, d, g = _greedy_pairs(iou, self.matrix_iou)
-        np.add.at(self._matrix, (dcls[b, d], gcls[b, g]), 1)
-        gt_left = gcls >= 0
+        scored = ~gdiff[b, g]
+        np.add.at(self._matrix, (dcls[b, d][scored], gcls[b, g][scored]), 1)
+        gt_left = (gcls >= 0) & ~gdiff
         gt_left[b, g] = False
         np.add.at(self._matrix, (self.nc, gcls[gt_left]), 1)
         det_left = dconf.copy()
@@ -333,13 +475,17 @@ class DetectMetrics:
         np.add.at(self._matrix, (dcls[det_left], self.nc), 1)
 
     # --- results ------------------------------------------------------------------------------
-    def _sorted_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _sorted_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
         """All detections as COCOeval.accumulate orders them: by class, score descending, then image
-        (sorted image ids, as ``COCOeval.params.imgIds``), then rank in the image."""
+        (sorted image ids, as ``COCOeval.params.imgIds``), then rank in the image. Returns ``(score, cls,
+        tp, ignored)``, ``ignored`` None when no gt was difficult."""
         self._flush()
         if not self._stats:
-            return np.zeros(0), np.zeros(0, np.int64), np.zeros((0, len(IOU_THRESHOLDS)), bool)
-        score, cls, tp, image, rank = (np.concatenate(x) for x in zip(*self._stats))
+            return np.zeros(0), np.zeros(0, np.int64), np.zeros((0, len(IOU_THRESHOLDS)), bool), None
+        score, cls, tp, image, rank = (np.concatenate(x) for x in list(zip(*self._stats))[:5])
+        ignored = None
+        if any(st[5].shape[1] for st in self._stats):
+            ignored = np.concatenate([st[5] if st[5].shape[1] else np.zeros(st[2].shape, bool) for st in self._stats])
         ids = [im["id"] for im in self.images]
         try:
             order = sorted(range(len(ids)), key=ids.__getitem__)
@@ -348,21 +494,32 @@ class DetectMetrics:
         image_rank = np.empty(len(ids), np.int64)
         image_rank[order] = np.arange(len(ids))
         idx = np.lexsort((rank, image_rank[image], -score, cls))
-        return score[idx], cls[idx], tp[idx]
+        return score[idx], cls[idx], tp[idx], None if ignored is None else ignored[idx]
+
+    @property
+    def n_positives(self) -> np.ndarray:
+        """Ground truth that is scored, per class: ``instances - instances_difficult``, ``ndarray[nc]``."""
+        return self.instances - self.instances_difficult
 
     def _compute(self) -> dict[str, np.ndarray]:
         if self._result is not None:
             return self._result
-        score, cls, tp = self._sorted_stats()
+        score, cls, tp, ignored = self._sorted_stats()
         nc, n_t = self.nc, len(IOU_THRESHOLDS)
+        n_pos = self.n_positives
         precision = -np.ones((n_t, len(RECALL_THRESHOLDS), nc))
         p_curve, r_curve = np.zeros((nc, len(CONF_GRID))), np.zeros((nc, len(CONF_GRID)))
         bounds = np.searchsorted(cls, np.arange(nc + 1))
-        for k in np.nonzero(self.instances)[0]:
+        for k in np.nonzero(n_pos)[0]:
             s = slice(bounds[k], bounds[k + 1])
-            precision[:, :, k] = _coco_precision(tp[s], int(self.instances[k]))
-            p_curve[k], r_curve[k] = _pr_curves(tp[s, 0], score[s], int(self.instances[k]))
-        has_gt = self.instances > 0
+            if ignored is None:
+                precision[:, :, k] = _coco_precision(tp[s], int(n_pos[k]))
+                p_curve[k], r_curve[k] = _pr_curves(tp[s, 0], score[s], int(n_pos[k]))
+            else:
+                precision[:, :, k] = _coco_precision(tp[s], int(n_pos[k]), ignored[s])
+                scored = ~ignored[s, 0]
+                p_curve[k], r_curve[k] = _pr_curves(tp[s, 0][scored], score[s][scored], int(n_pos[k]))
+        has_gt = n_pos > 0
         f1_curve = 2 * p_curve * r_curve / (p_curve + r_curve + 1e-16)
         best = int(_smooth(f1_curve[has_gt].mean(0)).argmax()) if has_gt.any() else 0
         nan = np.full(nc, np.nan)
@@ -373,8 +530,34 @@ class DetectMetrics:
                "p_curve": p_curve, "r_curve": r_curve, "f1_curve": f1_curve, "best_conf": CONF_GRID[best],
                "map50": precision[0][:, has_gt].mean() if has_gt.any() else 0.0,  # pycocotools' s[s > -1].mean()
                "map": precision[:, :, has_gt].mean() if has_gt.any() else 0.0}
+        if self.voc:
+            res.update(self._compute_voc())
         self._result = res
         return res
+
+    def _compute_voc(self) -> dict[str, Any]:
+        """``voc_eval`` per class from the per-image matches: detections ranked by score over the dataset
+        (ties: image, then row), TP / FP cumulated (ignored ones add to neither), recall = TP / npos,
+        precision = TP / max(TP + FP, eps), then ``voc_ap`` all-point and 11-point."""
+        nc, n_pos = self.nc, self.n_positives
+        ap, ap07 = np.full(nc, np.nan), np.full(nc, np.nan)
+        if self._voc_stats:
+            score, cls, tp, fp, image, row = (np.concatenate(x) for x in zip(*self._voc_stats))
+        else:
+            score, cls, tp, fp, image, row = np.zeros(0), np.zeros(0, np.int64), *np.zeros((4, 0), np.int64)
+        idx = np.lexsort((row, image, -score, cls))
+        cls, tp, fp = cls[idx], tp[idx], fp[idx]
+        bounds = np.searchsorted(cls, np.arange(nc + 1))
+        for k in np.nonzero(n_pos > 0)[0]:
+            s = slice(bounds[k], bounds[k + 1])
+            tpc, fpc = np.cumsum(tp[s], dtype=np.float64), np.cumsum(fp[s], dtype=np.float64)
+            rec = tpc / float(n_pos[k])
+            prec = tpc / np.maximum(tpc + fpc, np.finfo(np.float64).eps)
+            ap[k], ap07[k] = voc_ap(rec, prec, False), voc_ap(rec, prec, True)
+        has_gt = n_pos > 0
+        return {"voc_ap50": ap, "voc07_ap50": ap07,
+                "voc_map50": float(ap[has_gt].mean()) if has_gt.any() else 0.0,
+                "voc07_map50": float(ap07[has_gt].mean()) if has_gt.any() else 0.0}
 
     @property
     def matrix(self) -> np.ndarray:
@@ -388,6 +571,10 @@ class DetectMetrics:
     p = property(lambda self: self._compute()["p"], doc="Precision per class at the best-F1 confidence.")
     r = property(lambda self: self._compute()["r"], doc="Recall per class at the best-F1 confidence.")
     f1 = property(lambda self: self._compute()["f1"], doc="F1 per class at the best-F1 confidence.")
+    voc_ap50 = property(lambda self: self._compute()["voc_ap50"],
+                        doc="Pascal VOC all-point AP at IoU 0.5 per class, ndarray[nc] (voc=True).")
+    voc07_ap50 = property(lambda self: self._compute()["voc07_ap50"],
+                          doc="Pascal VOC2007 11-point AP at IoU 0.5 per class, ndarray[nc] (voc=True).")
 
     def _mean(self, key: str) -> float:
         values = self._compute()[key]
@@ -396,8 +583,11 @@ class DetectMetrics:
     def results(self) -> dict[str, float]:
         res = self._compute()
         x = self.suffix
-        return {f"metrics/precision{x}": self._mean("p"), f"metrics/recall{x}": self._mean("r"),
-                f"metrics/mAP50{x}": float(res["map50"]), f"metrics/mAP50-95{x}": float(res["map"])}
+        out = {f"metrics/precision{x}": self._mean("p"), f"metrics/recall{x}": self._mean("r"),
+               f"metrics/mAP50{x}": float(res["map50"]), f"metrics/mAP50-95{x}": float(res["map"])}
+        if self.voc:
+            out.update({f"metrics/VOC_AP50{x}": res["voc_map50"], f"metrics/VOC07_AP50{x}": res["voc07_map50"]})
+        return out
 
     def fitness(self) -> float:
         """What "best" means for detection: 0.1 x mAP50 + 0.9 x mAP50-95."""
@@ -405,21 +595,31 @@ class DetectMetrics:
         return float(0.1 * res["map50"] + 0.9 * res["map"])
 
     def per_class_rows(self) -> list[dict[str, Any]]:
-        """One dict per class: name, images, instances, p, r, map50, map (NaN without ground truth)."""
+        """One dict per class: name, images, instances, p, r, map50, map (NaN without ground truth); with
+        ``voc=True`` also voc_ap50 and voc07_ap50."""
         res = self._compute()
-        return [{"class": i, "name": name, "images": int(self.images_per_class[i]),
+        rows = [{"class": i, "name": name, "images": int(self.images_per_class[i]),
                  "instances": int(self.instances[i]), "p": float(res["p"][i]), "r": float(res["r"][i]),
                  "map50": float(res["ap50"][i]), "map": float(res["ap"][i])} for i, name in enumerate(self.names)]
+        if self.voc:
+            for row in rows:
+                row.update(voc_ap50=float(res["voc_ap50"][row["class"]]),
+                           voc07_ap50=float(res["voc07_ap50"][row["class"]]))
+        return rows
 
     def summary_lines(self, per_class: bool = True) -> list[str]:
-        """The validation table: header, the 'all' row, then one row per class with ground truth."""
+        """The validation table: header, the 'all' row, then one row per class with ground truth; with
+        ``voc=True`` two more columns, VOC all-point and VOC2007 11-point AP50."""
         res = self.results()
-        fmt = "{:>22}{:>11}{:>11}{:>11.3g}{:>11.3g}{:>11.3g}{:>11.3g}"
-        lines = [("{:>22}" + "{:>11}" * 6).format("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"),
+        head = ["Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95"]
+        head += ["VOC-AP50", "VOC07-AP50"] if self.voc else []
+        fmt = "{:>22}{:>11}{:>11}" + "{:>11.3g}" * (len(head) - 3)
+        keys = ["p", "r", "map50", "map"] + (["voc_ap50", "voc07_ap50"] if self.voc else [])
+        lines = [("{:>22}" + "{:>11}" * (len(head) - 1)).format(*head),
                  fmt.format("all", len(self.images), int(self.instances.sum()), *res.values())]
         if per_class:
-            lines += [fmt.format(row["name"][:22], row["images"], row["instances"], row["p"], row["r"],
-                                 row["map50"], row["map"]) for row in self.per_class_rows() if row["instances"]]
+            lines += [fmt.format(row["name"][:22], row["images"], row["instances"], *(row[k] for k in keys))
+                      for row in self.per_class_rows() if row["instances"]]
         return lines
 
     # --- plots and COCO JSON ------------------------------------------------------------------
@@ -445,7 +645,8 @@ class DetectMetrics:
     def coco_json(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(annotations, predictions)``: COCO ground truth of every image seen and the detections."""
         segm = self.iou_type == "segm"
-        annotations = coco_annotations(self.images, self.gts, self.names, self.gt_rles if segm else None)
+        annotations = coco_annotations(self.images, self.gts, self.names, self.gt_rles if segm else None,
+                                       self.difficult)
         return annotations, coco_predictions(self.preds, [im["id"] for im in self.images],
                                              self.pred_rles if segm else None)
 
@@ -469,18 +670,25 @@ def _plot_curves(x: np.ndarray, ys: np.ndarray, names: list[str], show: np.ndarr
 
 
 def coco_annotations(images: Sequence[dict[str, Any]], gts: Sequence[tuple[Any, Any]],
-                     names: Sequence[str], rles: Sequence[list[dict]] | None = None) -> dict[str, Any]:
+                     names: Sequence[str], rles: Sequence[list[dict]] | None = None,
+                     difficult: Sequence[Any] | None = None) -> dict[str, Any]:
     """COCO ground truth: ``images[i]`` a dict with ``id`` (and ``file_name``, ``width``, ``height``),
     ``gts[i] = (boxes (Tensor[M, 4]) x1, y1, x2, y2 pixels, cls (Tensor[M]))``. Annotation ids run from
     1, ``area = w * h``, ``iscrowd = 0``, category id = class index + ``CATEGORY_ID_OFFSET``.  With
-    ``rles[i]`` (one COCO RLE per instance) each annotation gets that ``segmentation`` and its mask area."""
+    ``rles[i]`` (one COCO RLE per instance) each annotation gets that ``segmentation`` and its mask area.
+    With ``difficult[i]`` (``[M]`` bool) a difficult gt gets ``"difficult": 1`` (the key is absent on the
+    others). pycocotools does not read it (its ``_prepare`` overwrites ``ignore`` from ``iscrowd``), so
+    ``COCOeval`` on such a file scores difficult objects as regular ones, unlike ``DetectMetrics``."""
     if len(images) != len(gts):
         raise ValueError(f"{len(images)} images but {len(gts)} ground-truth entries")
     anns: list[dict[str, Any]] = []
     for i, (image, (boxes, cls)) in enumerate(zip(images, gts)):
+        flags = _as_flags(None if difficult is None else difficult[i], len(_as_classes(cls)))
         for j, (box, c) in enumerate(zip(xyxy_to_coco(_as_array(boxes, 4)).tolist(), _as_classes(cls).tolist())):
             ann = {"id": len(anns) + 1, "image_id": image["id"], "category_id": c + CATEGORY_ID_OFFSET,
                    "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            if flags[j]:
+                ann["difficult"] = 1
             if rles is not None:
                 ann.update(segmentation=_json_rle(rles[i][j]), area=rle_area(rles[i][j]))
             anns.append(ann)
