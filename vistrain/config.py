@@ -14,11 +14,13 @@ from typing import Any
 import yaml
 
 DEFAULT_CFG_PATH = Path(__file__).resolve().parent / "cfg" / "default.yaml"
+RECIPES_DIR = DEFAULT_CFG_PATH.parent / "recipes"  # cfg=NAME: NAME.yaml here
 
 # Types of keys whose default is empty (None); other keys take the type of their default.
 NONE_DEFAULT_TYPES: dict[str, type] = {
     "task": str, "model": str, "data": str, "nc": int, "pretrained": str, "time": float,
     "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str, "box": float,
+    "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
@@ -27,10 +29,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf", "weight_decay", "warmup_epochs",
                 "nbs", "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
                 "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
-                "perspective", "mosaic", "mixup", "close_mosaic", "max_det"}
-POSITIVE = {"batch", "imgsz", "nbs", "nc", "epochs", "n", "topk", "mask_ratio"}
+                "perspective", "mosaic", "mixup", "close_mosaic", "max_det", "freeze_epochs", "unfreeze_lr0",
+                "lr_step_gamma"}
+POSITIVE = {"batch", "imgsz", "nc", "epochs", "n", "topk", "mask_ratio", "unfreeze_batch"}  # nbs 0 = the batch
 UNIT_INTERVAL = {"split", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup", "conf", "iou",
-                 "hsv_h", "hsv_s", "hsv_v", "translate"}
+                 "hsv_h", "hsv_s", "hsv_v", "translate", "lr_step_gamma"}
 
 
 class ConfigError(ValueError):
@@ -54,7 +57,7 @@ def key_help() -> list[tuple[str, Any, str]]:
 # names users bring from other tools -> our key
 ALIASES = {"lr": "lr0", "learning_rate": "lr0", "img_size": "imgsz", "imgsize": "imgsz", "image_size": "imgsz",
            "batch_size": "batch", "bs": "batch", "num_classes": "nc", "classes": "nc", "num_workers": "workers",
-           "weights": "model", "cfg": "model", "lr_final": "lrf", "wd": "weight_decay", "max_epochs": "epochs"}
+           "weights": "model", "lr_final": "lrf", "wd": "weight_decay", "max_epochs": "epochs"}
 
 
 def closest_key(key: str, keys) -> str | None:
@@ -96,6 +99,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if typ is str:
         if key == "source" and isinstance(value, (list, tuple)):
             return [str(v) for v in value]
+        if key == "freeze" and isinstance(value, (list, tuple)):  # ultralytics' list form: layer indices
+            return "[" + ",".join(str(v) for v in value) + "]"
         return str(value)
     return value
 
@@ -111,24 +116,69 @@ def _check_range(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value}: must lie between 0 and 1")
 
 
+def _checked(key: str, value: Any, defaults: dict[str, Any]) -> Any:
+    """``value`` converted to the type ``key`` takes and checked; ``ConfigError`` for an unknown key or bad value."""
+    if key not in defaults:
+        near = closest_key(key, defaults)
+        hint = f"; did you mean '{near}'?" if near else ""
+        raise ConfigError(f"unknown key '{key}'{hint} (`vistrain help` lists every key)")
+    value = _coerce(key, value, defaults[key])
+    if key in CHOICES and value is not None:
+        lowered = {c.lower(): c for c in CHOICES[key]}
+        if str(value).lower() not in lowered:
+            near = closest_key(str(value), CHOICES[key]) or CHOICES[key][0]
+            raise ConfigError(f"{key}={value}: not one of {', '.join(CHOICES[key])}; did you mean '{near}'?")
+        value = lowered[str(value).lower()]
+    _check_range(key, value)
+    return value
+
+
+def recipes() -> list[str]:
+    """Names ``cfg=`` finds without a path (``cfg/recipes/*.yaml``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_cfg_file(ref: str) -> dict[str, Any]:
+    """The ``key: value`` pairs of ``cfg=ref``: a YAML file, or a recipe name (``efficientdet-tutorial``)."""
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        recipe = RECIPES_DIR / (ref if ref.endswith((".yaml", ".yml")) else f"{ref}.yaml")
+        if "/" in ref or not recipe.is_file():
+            raise ConfigError(f"cfg={ref}: no such file, nor a recipe name ({', '.join(recipes()) or 'none'})")
+        path = recipe
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"cfg={ref}: cannot read it as YAML ({str(e).splitlines()[0]})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"cfg={ref}: expected key: value lines, found a YAML {type(d).__name__}")
+    if "backbone" in d or "arch" in d:
+        raise ConfigError(f"cfg={ref}: a model YAML, not a file of settings; give it as model={ref}")
+    if "cfg" in d:
+        raise ConfigError(f"cfg={ref}: a cfg file cannot name another cfg file (cfg: {d['cfg']})")
+    return d
+
+
 def get_config(overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults (or ``base``) updated with ``overrides``, every key and value checked."""
+    """Defaults (or ``base``) updated with the keys of ``cfg=FILE`` if given, then with ``overrides``, every key
+    and value checked.  The file's keys are added to ``overrides`` (where not there), so that callers that
+    record the keys the user chose (``_user_keys``) count them: a key in the user's file is the user's."""
     defaults = load_defaults()
     cfg = dict(base) if base else dict(defaults)
-    for key, value in (overrides or {}).items():
-        if key not in defaults:
-            near = closest_key(key, defaults)
-            hint = f"; did you mean '{near}'?" if near else ""
-            raise ConfigError(f"unknown key '{key}'{hint} (`vistrain help` lists every key)")
-        value = _coerce(key, value, defaults[key])
-        if key in CHOICES and value is not None:
-            lowered = {c.lower(): c for c in CHOICES[key]}
-            if str(value).lower() not in lowered:
-                near = closest_key(str(value), CHOICES[key]) or CHOICES[key][0]
-                raise ConfigError(f"{key}={value}: not one of {', '.join(CHOICES[key])}; did you mean '{near}'?")
-            value = lowered[str(value).lower()]
-        _check_range(key, value)
-        cfg[key] = value
+    overrides = {} if overrides is None else overrides
+    ref = _checked("cfg", overrides["cfg"], defaults) if "cfg" in overrides else None
+    from_file = load_cfg_file(ref) if ref else {}
+    for key, value in from_file.items():
+        try:
+            cfg[key] = _checked(key, value, defaults)
+        except ConfigError as e:
+            raise ConfigError(f"cfg={ref}: {e}") from None
+    for key, value in overrides.items():
+        cfg[key] = _checked(key, value, defaults)
+    for key, value in from_file.items():
+        overrides.setdefault(key, value)
     return cfg
 
 

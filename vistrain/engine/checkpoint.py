@@ -5,7 +5,8 @@ A vistrain checkpoint is a ``torch.save`` of plain types and tensors only, read 
 there is one), ``train_model`` (the raw weights, for resume), ``optimizer``, ``grads`` (gradients accumulated
 for the next optimizer step, for resume), ``ema_updates``,
 ``epoch``, ``best_fitness``, ``model_yaml`` (enough to rebuild the model), ``names``, ``imgsz``,
-``task``, ``train_args``, ``results_row`` (the epoch's results.csv row) and ``version``.  Files are written to
+``task``, ``train_args``, ``results_row`` (the epoch's results.csv row), ``phase`` (1 frozen or 2 unfrozen, for
+``freeze_epochs=``) and ``version``.  Files are written to
 a temp file then renamed, so an interrupted save never leaves a broken ``last.pt``; a full disk is a
 ``UserError`` (the temp file removed, the previous file intact), and a file that is not a checkpoint (empty,
 text, HTML, JSON, a Git LFS pointer, a truncated zip) is named for what it is before ``torch.load`` sees it.
@@ -30,7 +31,7 @@ from torch import nn
 from vistrain.engine.utils import UserError, disk_error_message, is_disk_full
 
 FORMAT_VERSION = 1
-TRAINING_STATE = ("train_model", "optimizer", "grads", "scaler", "rng", "threads")  # what only resume needs
+TRAINING_STATE = ("train_model", "optimizer", "grads", "scaler", "rng", "threads", "phase")  # what only resume needs
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:

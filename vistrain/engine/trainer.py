@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint, strip_training_state
+from vistrain.engine.freeze import Freezer, check_phase_keys, parse_freeze
 from vistrain.engine.run import (build_run_model, check_writable, get_task_for, prepare_run, public_args,
                                  resolve_model_source)
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds, select_device
@@ -113,6 +114,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        check_phase_keys(cfg)
         self.threads = apply_threads(cfg)
         init_seeds(cfg["seed"], cfg["deterministic"])
         task_name, model_yaml, ckpt = resolve_model_source(cfg)
@@ -136,6 +138,7 @@ class Trainer:
         set_memory_format(self.model, cfg["channels_last"])
         if hasattr(self.task, "setup_model"):  # e.g. detection: autoanchor, the loss's anchors and strides
             self.task.setup_model(self.model, self.data, cfg, train=self.resume_ckpt is None)
+        self.setup_phase()
         if cfg["plots"] and hasattr(self.task, "plot_labels") and not self.resume_ckpt:
             self.task.plot_labels(self.data.train, self.names, self.save_dir)
         self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
@@ -146,10 +149,8 @@ class Trainer:
                                       shuffle=False, device=self.device)
         self.epochs = cfg["epochs"]
         self.batch_size = self.train_loader.batch_size
-        self.accumulate = max(round(cfg["nbs"] / self.batch_size), 1)
-        self.optimizer = self.build_optimizer()
-        self.lf = self.lr_lambda()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+        self.accumulate = max(round(self.nbs / self.batch_size), 1)
+        self.build_schedule()
         self.ema = ModelEMA(self.model) if cfg["ema"] else None
         self.start_epoch, self.best_fitness, self.best_epoch = 0, None, -1
         self.csv = self.save_dir / "results.csv"
@@ -163,22 +164,96 @@ class Trainer:
         """Shuffled, seeded batches (in order for rectangular batches, whose shapes follow the order); every
         sample a function of (seed, epoch, index), so resume repeats the uninterrupted run."""
         cfg = self.cfg
-        return make_loader(self.data.train, self.task, cfg["batch"], cfg["workers"],
+        batch = cfg["unfreeze_batch"] if self.phase == 2 and cfg.get("unfreeze_batch") else cfg["batch"]
+        return make_loader(self.data.train, self.task, batch, cfg["workers"],
                            shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device,
                            epoch_keys=True)
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay)."""
+    @property
+    def nbs(self) -> int:
+        """Nominal batch size of the phase: ``nbs``, or with nbs=0 the batch (a step per batch, decay as given)."""
+        return self.cfg["nbs"] or self.batch_size
+
+    def optimizer_choice(self) -> tuple[str, float, float]:
+        """(name, lr0, momentum): optimizer=auto chooses once, from the run's first-phase batch, for the run."""
+        if getattr(self, "_optimizer_choice", None) is None:
+            cfg = self.cfg
+            name, lr, momentum = cfg["optimizer"], cfg["lr0"], cfg["momentum"]
+            if name == "auto":
+                batch = min(cfg["batch"], max(len(self.data.train), 1))  # the loader's batch in phase 1
+                iterations = math.ceil(len(self.data.train) / max(batch, cfg["nbs"] or batch)) * self.epochs
+                lr_fit = round(0.002 * 5 / (4 + len(self.names)), 6)
+                name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", lr_fit, 0.9)
+                self.cfg["warmup_bias_lr"] = 0.0 if name == "AdamW" else cfg["warmup_bias_lr"]
+                LOGGER.info(f"optimizer=auto: {name} lr0={lr} momentum={momentum} ({iterations} iterations)")
+            self._optimizer_choice = (name, lr, momentum)
+        return self._optimizer_choice
+
+    def build_schedule(self) -> None:
+        """The phase's optimizer and lr schedule.  Phase 2 with ``unfreeze_lr0`` starts a fresh schedule from it
+        over the remaining epochs; without, it takes the lr the run-wide schedule has reached."""
+        restart = self.phase == 2 and self.cfg.get("unfreeze_lr0") is not None
+        self.optimizer = self.build_optimizer(self.cfg["unfreeze_lr0"] if restart else None)
+        self.lf = self.lr_lambda(self.phase_start if restart else 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda=self.lf)
+
+    # ------------------------------------------------------------------ phases (freeze= / freeze_epochs=)
+    def setup_phase(self) -> None:
+        """Freeze ``freeze=`` (a bad value: one line naming the valid parts) unless the run resumes in phase 2.
+        Phase 1: epochs ``0 .. freeze_epochs - 1`` with the parts frozen (all epochs when freeze_epochs is 0);
+        phase 2: the rest, everything trains, with ``unfreeze_batch`` / ``unfreeze_lr0``."""
         cfg = self.cfg
-        name, lr, momentum = cfg["optimizer"], cfg["lr0"], cfg["momentum"]
-        if name == "auto":
-            iterations = math.ceil(len(self.data.train) / max(self.batch_size, cfg["nbs"])) * self.epochs
-            lr_fit = round(0.002 * 5 / (4 + len(self.names)), 6)
-            name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", lr_fit, 0.9)
-            self.cfg["warmup_bias_lr"] = 0.0 if name == "AdamW" else cfg["warmup_bias_lr"]
-            LOGGER.info(f"optimizer=auto: {name} lr0={lr} momentum={momentum} ({iterations} iterations)")
-        self.lr0 = lr
-        decay = cfg["weight_decay"] * self.batch_size * self.accumulate / cfg["nbs"]
+        self.freezer = Freezer(parse_freeze(cfg.get("freeze"), self.model))
+        two_phases = bool(self.freezer.prefixes) and 0 < (cfg.get("freeze_epochs") or 0) < cfg["epochs"]
+        self.unfreeze_epoch = cfg["freeze_epochs"] if two_phases else None
+        if self.freezer.prefixes and cfg.get("freeze_epochs", 0) >= cfg["epochs"]:
+            LOGGER.warning(f"freeze_epochs={cfg['freeze_epochs']} >= epochs={cfg['epochs']}: frozen the whole run")
+        state = (self.resume_ckpt or {}).get("phase") or {}
+        self.phase, self.phase_start, self.ni_base = (int(state.get(k, d)) for k, d in
+                                                      (("phase", 1), ("start", 0), ("ni_base", 0)))
+        if self.phase == 1 and self.freezer.prefixes:
+            n = self.freezer.freeze(self.model)
+            total = sum(p.numel() for p in self.model.parameters())
+            parts = self.freezer.prefixes
+            shown = ", ".join(parts) if len(parts) <= 6 else f"{', '.join(parts[:3])}, ..., {parts[-1]}"
+            until = f" for epochs 1-{self.unfreeze_epoch}" if self.unfreeze_epoch else ""
+            LOGGER.info(f"freeze={cfg['freeze']}: {shown} frozen{until} ({n:,} of {total:,} parameters, "
+                        f"BatchNorm statistics fixed)")
+
+    def start_phase2(self) -> None:
+        """Unfreeze everything; a fresh optimizer (no state carried over, as the tutorial's new Adam) and lr
+        schedule for phase 2's lr; a new train loader when phase 2 has its own batch."""
+        self.ni_base += len(self.train_loader) * (self.epoch - self.phase_start)
+        self.phase, self.phase_start = 2, self.epoch
+        self.freezer.unfreeze(self.model)
+        self.optimizer.zero_grad(set_to_none=True)  # (none pending: phase 1 ended with a step)
+        if self.cfg.get("unfreeze_batch") and self.cfg["unfreeze_batch"] != self.cfg["batch"]:
+            self.train_loader = self.make_train_loader()
+        self.batch_size = self.train_loader.batch_size
+        self.accumulate = max(round(self.nbs / self.batch_size), 1)
+        self.build_schedule()
+        self.scheduler.last_epoch = self.epoch - 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": it only sets this epoch's lr
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        LOGGER.info(f"\nepoch {self.epoch + 1}: phase 2, every layer trains: batch {self.batch_size} "
+                    f"(x{self.accumulate} accumulation), lr {self.optimizer.param_groups[0]['lr']:.4g}, a fresh "
+                    f"optimizer{' and schedule' if self.cfg.get('unfreeze_lr0') is not None else ''}")
+
+    def flush_gradients(self) -> None:
+        """Step phase 1's optimizer on gradients accumulated since its last step, so none are lost at the switch."""
+        if any(p.grad is not None for p in self.model.parameters()):
+            self.optimizer_step()
+            self.last_opt_step = self.ni_base + len(self.train_loader) * (self.epoch + 1 - self.phase_start) - 1
+
+    def build_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay); trainable
+        (not frozen) parameters only.  ``lr``: phase 2's own lr (default: lr0, or optimizer=auto's)."""
+        cfg = self.cfg
+        name, lr0, momentum = self.optimizer_choice()
+        self.lr0 = lr0 if lr is None else lr
+        lr = self.lr0
+        decay = cfg["weight_decay"] * self.batch_size * self.accumulate / self.nbs
         groups: list[list[nn.Parameter]] = [[], [], []]
         norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
         for module in self.model.modules():
@@ -196,18 +271,22 @@ class Trainer:
             raise UserError(f"optimizer={name}: use SGD, Adam, AdamW or auto")
         return opt
 
-    def lr_lambda(self) -> Callable[[int], float]:
-        lrf, epochs = self.cfg["lrf"], max(self.epochs, 1)
+    def lr_lambda(self, start: int = 0) -> Callable[[int], float]:
+        """lr / lr0 at epoch ``x`` of a schedule that starts at epoch ``start`` and ends with the run."""
+        lrf, epochs, gamma = self.cfg["lrf"], max(self.epochs - start, 1), self.cfg.get("lr_step_gamma")
+        if gamma:
+            return lambda x: gamma ** max(x - start, 0)  # torch's StepLR(step_size=1, gamma)
         if self.cfg["cos_lr"]:
-            return lambda x: ((1 - math.cos(x * math.pi / epochs)) / 2) * (lrf - 1) + 1
-        return lambda x: max(1 - x / epochs, 0) * (1.0 - lrf) + lrf
+            return lambda x: ((1 - math.cos((x - start) * math.pi / epochs)) / 2) * (lrf - 1) + 1
+        return lambda x: max(1 - (x - start) / epochs, 0) * (1.0 - lrf) + lrf
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         self.setup()
         cfg = self.cfg
         nb = len(self.train_loader)
-        self.warmup_iters = warmup_iterations(cfg["warmup_epochs"], self.epochs, nb)
+        warmup_epochs = min(cfg["warmup_epochs"], self.unfreeze_epoch or cfg["warmup_epochs"])  # in phase 1 only
+        self.warmup_iters = warmup_iterations(warmup_epochs, self.epochs, nb)
         self.time_limit = cfg["time"] * 3600 if cfg.get("time") else None
         self.t_start = time.time()
         self.stop = False
@@ -226,10 +305,14 @@ class Trainer:
         epoch = self.start_epoch
         for epoch in range(self.start_epoch, self.epochs):
             self.epoch = epoch
+            if self.phase == 1 and epoch == self.unfreeze_epoch:
+                self.start_phase2()
             self.run_callbacks("on_epoch_start")
             if hasattr(self.task, "epoch_start") and self.task.epoch_start(self):
                 self.train_loader = self.make_train_loader()
             train_losses = self.train_epoch()
+            if self.phase == 1 and epoch + 1 == self.unfreeze_epoch:
+                self.flush_gradients()  # phase 1's optimizer takes the batches since its last step
             self.epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the lrs this epoch ended with
             self.scheduler.step()
             val_model = self.ema.ema if self.ema else self.model
@@ -261,6 +344,7 @@ class Trainer:
     def train_epoch(self) -> torch.Tensor:
         cfg, nb = self.cfg, len(self.train_loader)
         self.model.train()
+        self.freezer.bn_eval(self.model)  # frozen parts' BatchNorm statistics stay as they are
         self.train_loader.sampler.set_epoch(self.epoch)  # order and augmentation: functions of (seed, epoch, index)
         mean_loss = torch.zeros(len(self.task.loss_names))
         counted = 0  # batches in the running means (a skipped non-finite batch is not)
@@ -272,8 +356,8 @@ class Trainer:
                    bar_format="{l_bar}{bar:10}{r_bar}")
         t0, seen = time.time(), 0
         for i, batch in bar:
-            ni = i + nb * self.epoch
-            if ni <= self.warmup_iters:
+            ni = self.ni_base + i + nb * (self.epoch - self.phase_start)  # batches since the run began
+            if self.phase == 1 and ni <= self.warmup_iters:
                 self.warmup(ni)
             batch = self.task.preprocess(batch, self.device)
             with torch.autocast(self.device.type, enabled=self.amp):
@@ -309,7 +393,7 @@ class Trainer:
     def warmup(self, ni: int) -> None:
         """Ramp lr from 0 (bias group: from warmup_bias_lr), momentum from warmup_momentum, accumulation from 1."""
         cfg, xi = self.cfg, [0, self.warmup_iters]
-        self.accumulate = warmup_accumulate(ni, self.warmup_iters, cfg["nbs"], self.batch_size)
+        self.accumulate = warmup_accumulate(ni, self.warmup_iters, self.nbs, self.batch_size)
         for j, group in enumerate(self.optimizer.param_groups):
             start = cfg["warmup_bias_lr"] if j == 2 else 0.0
             group["lr"] = float(np.interp(ni, xi, [start, group["initial_lr"] * self.lf(self.epoch)]))
@@ -319,14 +403,14 @@ class Trainer:
     def check_optimizer_steps(self, nb: int) -> None:
         """Stop before the first epoch when the run would never step the optimizer (too few batches for the
         gradient accumulation ``nbs / batch``): it would 'complete' and save an untrained best.pt."""
-        cfg, bs = self.cfg, self.batch_size
-        if first_step_batch(self.start_epoch, self.epochs, nb, self.warmup_iters, cfg["nbs"], bs,
-                            self.last_opt_step) is not None:
+        cfg, bs, s = self.cfg, self.batch_size, self.phase_start  # (batch indices counted from the phase's start)
+        if first_step_batch(self.start_epoch - s, self.epochs - s, nb, self.warmup_iters if self.phase == 1 else -1,
+                            self.nbs, bs, self.last_opt_step - self.ni_base) is not None:
             return
         total = (self.epochs - self.start_epoch) * nb
-        acc = max(round(cfg["nbs"] / bs), 1)
+        acc = max(round(self.nbs / bs), 1)
         why = (f"no optimizer step would be taken: {total} batch(es) of {bs} in {self.epochs - self.start_epoch} "
-               f"epoch(s) ({len(self.data.train)} train images), but with nbs={cfg['nbs']} the optimizer steps "
+               f"epoch(s) ({len(self.data.train)} train images), but with nbs={self.nbs} the optimizer steps "
                f"once every {acc} batches (nbs / batch")
         if self.resume_ckpt:
             raise UserError(f"{why}); resume with a larger epochs=")
@@ -366,11 +450,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
+            self.freezer.copy_frozen(self.model, self.ema.ema)
 
     # ------------------------------------------------------------------ logging and checkpoints
     def results_row(self, train_losses: torch.Tensor, metrics, val_losses: torch.Tensor) -> dict[str, Any]:
         """This epoch's results.csv row (also stored in the checkpoint, so resume can restore a row a crash lost)."""
         row = {"epoch": self.epoch + 1}
+        if self.freezer.prefixes:
+            row["frozen"] = int(self.phase == 1)  # 1: epochs with freeze= applied (phase 1), 0: phase 2
         row.update({f"train/{n}": float(v) for n, v in zip(self.task.loss_names, train_losses)})
         row.update({f"train/{n}": float(v) for n, v in zip(getattr(self.task, "train_metric_names", ()),
                                                             self.train_metric_means)})
@@ -425,6 +512,7 @@ class Trainer:
             "rng": torch.get_rng_state(), "threads": torch.get_num_threads(),
             "results_row": dict(getattr(self, "epoch_row", {})),
             "task_state": self.task.state() if hasattr(self.task, "state") else {},
+            "phase": {"phase": self.phase, "start": self.phase_start, "ni_base": self.ni_base},
         }
 
     def save_checkpoints(self, improved: bool) -> None:

@@ -1,6 +1,7 @@
-"""Object detection: YOLO-format data, COCO mAP, boxes out.  Two kinds of head: anchor-based (YOLOv5:
-autoanchor, the YOLOv5 loss, objectness) and anchor-free (YOLOv8 ``DetectDFL``: task-aligned assignment,
-CIoU + DFL, no objectness); the task finds which one the model has in ``setup_model``."""
+"""Object detection: YOLO-format data, COCO mAP, boxes out.  Three kinds of head: anchor-based (YOLOv5:
+autoanchor, the YOLOv5 loss, objectness), anchor-free (YOLOv8 ``DetectDFL``: task-aligned assignment,
+CIoU + DFL, no objectness) and EfficientDet's class / box nets (RetinaNet anchors, IoU matching, focal +
+Huber loss, top-k + class-wise NMS); the task finds which one the model has in ``setup_model``."""
 
 from __future__ import annotations
 
@@ -31,17 +32,36 @@ def parse_classes(value) -> list[int] | None:
         raise UserError(f"classes={value}: expected class indices, e.g. classes=0,2") from None
 
 
-def nms_settings(cfg: dict, mode: str, anchor_free: bool = False) -> dict:
+EFFDET_MAX_DET = 100  # EfficientDet's detections per image (effdet's max_det_per_image), unless max_det= is given
+
+
+def nms_settings(cfg: dict, mode: str, anchor_free: bool = False, effdet: bool = False) -> dict:
     """conf / iou / max_det / classes / agnostic for ``mode`` ('val' or 'predict'); empty keys take the mode's
     default: val conf 0.001, predict conf 0.25; iou 0.6 (val) / 0.45 (predict) for anchor-based heads as
-    YOLOv5's val.py / detect.py, 0.7 for anchor-free heads as ultralytics' YOLOv8."""
+    YOLOv5's val.py / detect.py, 0.7 for anchor-free heads as ultralytics' YOLOv8, 0.5 and 100 detections for
+    EfficientDet as effdet's predict bench."""
     conf = cfg.get("conf")
     iou = cfg.get("iou")
-    default_iou = 0.7 if anchor_free else (0.6 if mode == "val" else 0.45)
+    default_iou = 0.5 if effdet else 0.7 if anchor_free else (0.6 if mode == "val" else 0.45)
+    max_det = int(cfg.get("max_det") or 300)
+    if effdet and "max_det" not in cfg.get("_user_keys", ()):
+        max_det = EFFDET_MAX_DET
     return {"conf": (0.001 if mode == "val" else 0.25) if conf is None else float(conf),
             "iou": default_iou if iou is None else float(iou),
-            "max_det": int(cfg.get("max_det") or 300), "classes": parse_classes(cfg.get("classes")),
+            "max_det": max_det, "classes": parse_classes(cfg.get("classes")),
             "agnostic": bool(cfg.get("agnostic_nms"))}
+
+
+def native_imgsz(model_ref) -> int | None:
+    """The input size a built-in model was defined at (EfficientDet-D0 512 ... D7x 1536), else None."""
+    import re
+
+    m = re.match(r"^efficientdet-(d\d+x?)$", str(model_ref or ""))
+    if m:
+        from vistrain.nn.efficientdet import EFFICIENTDET
+
+        return EFFICIENTDET[m.group(1)][1] if m.group(1) in EFFICIENTDET else None
+    return None
 
 
 def no_objects_message(data_file: str, split: str, labels) -> str:
@@ -78,20 +98,23 @@ class DetectTask:
         self.head = None
         self.loss_fn = None
         self.anchor_report: dict | None = None
+        self._anchor_cache: dict = {}  # EfficientDet: input (h, w) -> anchors
         self.data_yaml: dict | None = None
 
     def default_model(self) -> str:
         return "yolov5n"
 
     def apply_defaults(self, cfg: dict, user_keys: set[str]) -> None:
-        """Detection's own defaults for keys the user left alone: imgsz 640 (128, the images' size, on
-        the built-in dataset)."""
+        """Detection's own defaults for keys the user left alone: imgsz 640 (EfficientDet: its own size, 512
+        for D0; 128, the images' size, on the built-in dataset)."""
         if "imgsz" not in user_keys and not cfg.get("_resume_dir"):
-            cfg["imgsz"] = 640 if cfg.get("data") else BUILTIN_IMGSZ
+            cfg["imgsz"] = (native_imgsz(cfg.get("model")) or 640) if cfg.get("data") else BUILTIN_IMGSZ
 
     # --- data ---------------------------------------------------------------------------
     def resolve_data_yaml(self, cfg: dict) -> dict:
-        from vistrain.data.yolo import DataYAMLError, load_data_yaml
+        """The dataset of ``data=``: a YOLO dataset YAML, a Pascal VOC folder or YAML (``format: voc``), a COCO
+        instances JSON, folder or YAML, or the built-in dataset when empty (``vistrain.data.yolo.load_data``)."""
+        from vistrain.data.yolo import DataYAMLError, load_data
 
         ref = cfg.get("data")
         if not ref:
@@ -100,35 +123,46 @@ class DetectTask:
             ref = str(ensure_dataset() / self.builtin_folder / "data.yaml")
             LOGGER.info(f"data: the built-in synthetic shapes dataset at {ref}")
             cfg["data"] = ref
-        path = Path(ref)
-        if path.is_dir() and (path / "data.yaml").is_file():
-            path = path / "data.yaml"
-        if not path.exists():
-            raise UserError(f"data={ref}: file does not exist; give a dataset YAML (path, train, val, names) "
-                            f"or leave data= empty for the built-in dataset")
-        if path.is_dir():
-            raise UserError(f"data={ref}: a folder; detection needs a dataset YAML with path, train, val, names")
+        if not Path(ref).expanduser().exists():
+            raise UserError(f"data={ref}: file does not exist; give a dataset YAML (path, train, val, names), a "
+                            f"Pascal VOC folder, a COCO JSON, or leave data= empty for the built-in dataset")
         try:
-            return load_data_yaml(path)
+            return load_data(ref)
         except DataYAMLError as e:
             raise UserError(str(e)) from None
 
     def scan(self, data: dict, split: str, workers: int):
-        from vistrain.data.yolo import DataYAMLError, list_split_images, scan_split
+        """Read and verify a split (YOLO, VOC or COCO); objects marked difficult (VOC) are left out of the train
+        split unless ``difficult=True``, and kept, flagged in ``ImageLabels.difficult``, in the others."""
+        from vistrain.data.yolo import DataYAMLError, data_format, scan_data_split
 
+        fmt = data_format(data)
         try:
-            images = list_split_images(data, split)
+            labels, cached = scan_data_split(data, split, workers=max(1, workers))
         except DataYAMLError as e:
             raise UserError(str(e)) from None
-        labels, cached = scan_split(images, data["nc"], workers=max(1, workers))
+        n_difficult = labels.drop_difficult() if split == "train" and not self.cfg.get("difficult") else 0
+        if fmt != "yolo" and self.name == "segment" and labels.items and not any(it.has_polygons for it in labels.items):
+            raise UserError(f"data={data['yaml_file']}: {split} split: no polygons in the {fmt.upper()} annotations; a "
+                            f"segmentation model needs a polygon for every object (COCO segmentation). Train a "
+                            f"detection model (e.g. model=yolov8n) on boxes")
         if labels.items:
             self.check_labels(labels, split)
         labels.log(split)
-        line = labels.summary(split) + (" (cached)" if cached else "")
+        line = (labels.summary(split) + (f", {n_difficult} difficult left out (difficult=True keeps them)"
+                                         if n_difficult else "") + (" (cached)" if cached else ""))
         if not labels.items:
             raise UserError(f"data={data['yaml_file']}: {split}: no usable images ({line})")
         if not any(len(it.cls) for it in labels.items):
-            raise UserError(no_objects_message(data["yaml_file"], split, labels))
+            if fmt == "yolo":
+                raise UserError(no_objects_message(data["yaml_file"], split, labels))
+            what = "nothing to learn from" if split == "train" else "0 objects cannot be scored"
+            first = next((m for m in labels.messages if m.endswith("dropped")), None)
+            why = (f"all {labels.dropped} objects were dropped (first: {first})" if first else
+                   f"all {n_difficult} objects are marked difficult (difficult=True trains on them)" if n_difficult
+                   else "the annotations hold no objects")
+            raise UserError(f"data={data['yaml_file']}: {split} split: 0 objects in {len(labels.items)} images, "
+                            f"{what}: {why}")
         return labels, line
 
     def build_data(self, cfg: dict, need_train: bool = True) -> DataBundle:
@@ -165,9 +199,18 @@ class DetectTask:
 
         return isinstance(self.head, DetectDFL)
 
+    @property
+    def effdet(self) -> bool:
+        from vistrain.nn.efficientdet import EfficientDet
+
+        return isinstance(self.head, EfficientDet)
+
     def find_head(self, model: torch.nn.Module, cfg: dict):
+        from vistrain.nn.efficientdet import EfficientDet
         from vistrain.nn.modules import Detect, DetectDFL, Segment
 
+        if isinstance(model, EfficientDet):  # its class and box nets are the head; anchors come from its config
+            return model
         head = next((m for m in model.modules() if isinstance(m, (Detect, DetectDFL)) and not isinstance(m, Segment)),
                     None)
         if head is None:
@@ -178,6 +221,16 @@ class DetectTask:
         """Attach the loss for ``model``'s head; before training an anchor-based head, check (and evolve) its
         anchors.  An empty ``box`` gain takes the head's default (YOLOv5 0.05, YOLOv8 7.5)."""
         self.head, self.cfg = self.find_head(model, cfg), cfg
+        if self.effdet:
+            from vistrain.losses.effdet import EffDetLoss
+
+            preset = cfg.get("loss") or "effdet"
+            if preset not in ("effdet", "tutorial"):
+                raise UserError(f"loss={preset}: EfficientDet's loss presets are effdet and tutorial")
+            self.loss_fn = EffDetLoss(model.nc, preset=preset, **model.anchor_config(),
+                                      **({} if cfg.get("box") is None else {"box_loss_weight": float(cfg["box"])}))
+            self.loss_names = self.loss_fn.names
+            return
         if self.anchor_free:
             self.loss_fn = self.make_loss(model, cfg)
             self.loss_names = self.loss_fn.names
@@ -246,7 +299,7 @@ class DetectTask:
         return self.loss_fn(preds, batch["targets"])
 
     def nms_settings(self, cfg: dict, mode: str) -> dict:
-        return nms_settings(cfg, mode, anchor_free=self.anchor_free)
+        return nms_settings(cfg, mode, anchor_free=self.anchor_free, effdet=self.effdet)
 
     def postprocess(self, preds, settings: dict) -> list[torch.Tensor]:
         """Raw head outputs -> per image ``Tensor[K, 6 + E]`` (x1, y1, x2, y2, score, class, E extra columns:
@@ -254,6 +307,16 @@ class DetectTask:
         from vistrain.ops.boxes import decode_dfl, decode_yolov5, non_max_suppression
 
         kw = {k: settings[k] for k in ("conf", "iou", "classes", "agnostic", "max_det")}
+        if self.effdet:
+            from vistrain.ops.retina import make_anchors, postprocess
+
+            cls_outs, box_outs = preds
+            # inputs are multiples of 32 (letterbox), so P3 (1/8, rounded up) gives the input size exactly
+            hw = tuple(int(s) * 8 for s in cls_outs[0].shape[-2:])
+            if hw not in self._anchor_cache:
+                self._anchor_cache = {hw: make_anchors(hw, **self.head.anchor_config())}
+            anchors = self._anchor_cache[hw].to(cls_outs[0].device)
+            return postprocess(cls_outs, box_outs, anchors, soft_nms=bool(self.cfg.get("soft_nms")), **kw)
         if not self.anchor_free:
             return non_max_suppression(decode_yolov5(preds, self.head.anchors, self.head.stride), **kw)
         levels, coef = (preds[0], preds[1]) if isinstance(preds, tuple) else (preds, None)
@@ -266,7 +329,10 @@ class DetectTask:
     def new_metrics(self, names: list[str]):
         from vistrain.metrics.detect import DetectMetrics
 
-        return DetectMetrics(names)
+        from vistrain.data.yolo import data_format
+
+        # VOC data: VOC AP50 (all-point and VOC2007 11-point) beside the COCO metrics
+        return DetectMetrics(names, voc=bool(self.data_yaml) and data_format(self.data_yaml) == "voc")
 
     def update_metrics(self, metrics, preds: list[torch.Tensor], batch: dict[str, Any]) -> None:
         from vistrain.data.augment import scale_boxes_back
@@ -279,7 +345,7 @@ class DetectTask:
             gt = batch["ori_labels"][i]
             metrics.update(det, torch.as_tensor(gt["boxes"]), torch.as_tensor(gt["cls"]),
                            image_id=Path(batch["im_file"][i]).stem, image_size=(w0, h0),
-                           file_name=batch["im_file"][i])
+                           file_name=batch["im_file"][i], difficult=gt.get("difficult"))
 
     def report(self, metrics, names: list[str]) -> list[str]:
         return metrics.summary_lines()
