@@ -85,6 +85,11 @@ class DetectDataset(Dataset):
         self.hyp = {**self.hyp, "mixup": 0.0}
         self.augmenter = A.DetectAugment.from_hyp(self.imgsz, {**self.hyp, "mosaic": 0.0})
 
+    def square(self) -> None:
+        """Letterbox every image to the ``imgsz`` square instead of rectangular batch shapes (EfficientDet is
+        validated at its square input size, as effdet does and as predict feeds it)."""
+        self.rect, self.batch_shapes = False, None
+
     def _set_rect(self, batch_size: int, pad: float) -> None:
         """Sort by aspect ratio; each batch gets the smallest stride-multiple shape holding its images."""
         ar = np.array([h / w for h, w in (it.shape for it in self.items)], dtype=np.float64)

@@ -170,8 +170,8 @@ def load_model_yaml(name_or_path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ModelYAMLError(f"{path}: a model YAML must be a mapping")
     if d.get("arch") in ("efficientdet", "efficientnet"):
-        d.setdefault("scale", d["scales"][0])
-        d.setdefault("name", f"{stem}-{d['scale']}")
+        d.setdefault("scale", (d.get("scales") or ["d0" if d["arch"] == "efficientdet" else "b0"])[0])
+        d.setdefault("name", f"{stem}-{d['scale']}" if d.get("scales") else stem)
         return d
     if d.get("scales") and not d.get("scale"):
         m = _SCALED_NAME.match(stem)

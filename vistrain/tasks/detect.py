@@ -230,6 +230,8 @@ class DetectTask:
             self.loss_fn = EffDetLoss(model.nc, preset=preset, **model.anchor_config(),
                                       **({} if cfg.get("box") is None else {"box_loss_weight": float(cfg["box"])}))
             self.loss_names = self.loss_fn.names
+            if data is not None and getattr(data.val, "rect", False):
+                data.val.square()  # not rectangular batches padded by half a stride: the size it trains and predicts at
             return
         if self.anchor_free:
             self.loss_fn = self.make_loss(model, cfg)
