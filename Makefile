@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # keyed on what decides the install (pyproject.toml and this file's install lines), so a change to either reinstalls
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: demo demo-classify test bench clean
+.PHONY: demo demo-classify demo-efficientdet test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 demo-classify: $(STAMP)
 	$(PY) -m vistrain.demo classify
+
+demo-efficientdet: $(STAMP)
+	$(PY) -m vistrain.demo efficientdet
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -103,3 +103,30 @@ def test_timm_classifier_and_efficientnet_keys():
         build_model("timm:resnet18x")
     with pytest.raises(FileNotFoundError, match="efficientdet-d0"):
         build_model("efficientdet-d9")
+
+
+def test_classifier_weights_fill_the_detector_backbone():
+    """``pretrained=`` an EfficientNet classifier (timm's keys) initialises EfficientDet's backbone."""
+    from vistrain.engine.checkpoint import transfer_weights
+
+    cls = build_model("efficientnet-b0", num_classes=10)
+    det = build_model("efficientdet-d0", num_classes=3)
+    copied, total = transfer_weights(det, cls.state_dict())
+    backbone = [k for k in det.state_dict() if k.startswith("backbone.")]
+    assert copied == len(backbone) and total == len(det.state_dict())
+    for k in backbone:
+        assert torch.equal(det.state_dict()[k], cls.state_dict()[k[len("backbone."):]])
+
+
+def test_effdet_weight_file_loads_as_pretrained(tmp_path):
+    """An effdet weight file (a plain state_dict, as its releases are) initialises every tensor."""
+    effdet = pytest.importorskip("effdet")
+    from vistrain.engine.checkpoint import load_pretrained
+
+    cfg = effdet.get_efficientdet_config("tf_efficientdet_d0")
+    ref = effdet.EfficientDet(cfg, pretrained_backbone=False)
+    torch.save(ref.state_dict(), tmp_path / "tf_efficientdet_d0.pth")
+    ours = build_model("efficientdet-d0", num_classes=90)
+    copied, total = load_pretrained(ours, tmp_path / "tf_efficientdet_d0.pth")
+    assert copied == total == len(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())

@@ -194,6 +194,10 @@ def transfer_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> t
     """
     own = model.state_dict()
     matched = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    if isinstance(getattr(model, "backbone", None), nn.Module):  # a classifier's weights into a detector's backbone
+        # (EfficientNet-BN -> EfficientDet: timm's keys under backbone.), for the tensors not matched as they are
+        matched.update({f"backbone.{k}": v for k, v in state_dict.items() if k not in matched
+                        and own.get(f"backbone.{k}") is not None and own[f"backbone.{k}"].shape == v.shape})
     own.update(matched)
     model.load_state_dict(own)
     return len(matched), len(own)

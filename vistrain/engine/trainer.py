@@ -247,8 +247,8 @@ class Trainer:
             self.last_opt_step = self.ni_base + len(self.train_loader) * (self.epoch + 1 - self.phase_start) - 1
 
     def build_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
-        """Three groups: 0 weights with decay, 1 norm weights (no decay), 2 biases (no decay); trainable
-        (not frozen) parameters only.  ``lr``: phase 2's own lr (default: lr0, or optimizer=auto's)."""
+        """Three groups: 0 weights with decay, 1 norm and other 1-D weights (no decay), 2 biases (no decay);
+        trainable (not frozen) parameters only.  ``lr``: phase 2's own lr (default: lr0, or optimizer=auto's)."""
         cfg = self.cfg
         name, lr0, momentum = self.optimizer_choice()
         self.lr0 = lr0 if lr is None else lr
@@ -260,7 +260,8 @@ class Trainer:
             for pname, p in module.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
-                groups[2 if pname == "bias" else 1 if isinstance(module, norm_types) else 0].append(p)
+                # no decay for norm weights and other 1-D weights (BiFPN fusion weights), as timm and effdet
+                groups[2 if pname == "bias" else 1 if isinstance(module, norm_types) or p.ndim <= 1 else 0].append(p)
         param_groups = [{"params": groups[0], "weight_decay": decay}, {"params": groups[1], "weight_decay": 0.0},
                         {"params": groups[2], "weight_decay": 0.0}]
         if name == "SGD":
