@@ -56,3 +56,12 @@ def test_efficientdet_on_voc_data_reports_voc_ap(tmp_path):
     res = vistrain.train(model="efficientdet-d0", data=str(root / "voc"), imgsz=64, epochs=1, batch=4, nbs=4,
                          workers=0, plots=False, project=str(tmp_path / "runs"), name="voc", verbose=False)
     assert "metrics/VOC_AP50(B)" in res and "metrics/VOC07_AP50(B)" in res
+
+
+def test_efficientdet_unknown_loss_preset_is_one_line(tmp_path):
+    from vistrain.engine.utils import UserError
+
+    root = make_dataset(tmp_path / "shapes", n=6, imgsz=64, seed=3, workers=1)
+    with pytest.raises(UserError, match="loss=focal: EfficientDet's loss presets are effdet and tutorial"):
+        vistrain.train(model="efficientdet-d0", data=str(root / "voc"), imgsz=64, epochs=1, batch=2, workers=0,
+                       loss="focal", project=str(tmp_path / "runs"), plots=False)

@@ -45,6 +45,9 @@ def test_every_model_builds_and_runs(name):
         out = model(torch.rand(2, 3, imgsz, imgsz))
     if model.task == "classify":
         expected = (2, 3)
+    elif name.startswith("efficientdet"):  # class and box nets, 9 anchors per cell, P3-P7 (P8 for D7x)
+        sizes = [math.ceil(imgsz / 2 ** lvl) for lvl in range(3, 9 if name.endswith("x") else 8)]
+        expected = [[(2, 9 * k, s, s) for s in sizes] for k in (3, 4)]
     elif name.startswith("yolov5"):  # anchor-based detect: [B, anchors, H, W, 5 + nc] per stride 8 / 16 / 32
         expected = [(2, 3, imgsz // s, imgsz // s, 8) for s in (8, 16, 32)]
     else:  # anchor-free: [B, 4 * 16 + nc, H, W] per level; segment adds coefficients and prototypes
