@@ -177,6 +177,47 @@ class StepClock:
                 "other_cpu_share": self.other, "abandoned": self.abandoned}
 
 
+class StopRun(Exception):
+    """Raised from a batch-end callback once the timed steps are done."""
+
+
+def run_trainer_steps(cfg: dict, args, may_abort: bool, on_start=None) -> dict:
+    """Train vistrain's Trainer on ``cfg`` until ``StepClock`` has its timed steps; throughput and what was seen.
+
+    ``on_start(trainer, seen)`` runs at ``on_train_start`` (to record the optimizer, say).
+    """
+    import gc
+
+    import torch
+
+    from vistrain.engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    clock = StepClock(args, may_abort)
+    seen = {}
+    if on_start is not None:
+        trainer.add_callback("on_train_start", lambda tr: on_start(tr, seen))
+
+    def on_batch_end(tr) -> None:
+        seen["threads"] = torch.get_num_threads()
+        seen["workers"] = tr.train_loader.num_workers
+        if clock.step_end():
+            raise StopRun
+
+    trainer.add_callback("on_batch_end", on_batch_end)
+    try:
+        with quiet(args.show_progress):
+            trainer.train()
+    except StopRun:
+        pass
+    if len(clock.stamps) <= args.warmup:
+        raise RuntimeError(f"vistrain ran only {len(clock.stamps)} steps: the training split is too small")
+    seen["children"] = len(getattr(clock.cpu, "pids", [0])) - 1
+    del trainer
+    gc.collect()
+    return {**clock.result(cfg["batch"]), **seen}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

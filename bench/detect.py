@@ -91,8 +91,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CpuMonitor, StepClock, block_internet, cpu_name, load1, quiet, wait_for_idle,  # noqa: E402
-                    wait_for_quiet)
+from common import (CpuMonitor, StepClock, StopRun, block_internet, cpu_name, load1, quiet,  # noqa: E402
+                    run_trainer_steps, wait_for_idle, wait_for_quiet)
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.937, 5e-4
 CONF, IOU, MAX_DET = 0.25, 0.45, 300
@@ -106,10 +106,6 @@ V, Y, P, P_SHIPPED = "vistrain", "yolov5", "ultralytics", "ultralytics (CPU defa
 YOLOV5 = None  # the reference's train module once imported (import_yolov5)
 # yolov5's train() would otherwise start accumulating gradients (its nbs is fixed at 64) after this many steps
 YOLOV5_NO_ACCUMULATE_STEPS = 16
-
-
-class _StopRun(Exception):
-    """Raised from a batch-end callback once the timed steps are done."""
 
 
 def import_yolov5():
@@ -218,31 +214,8 @@ def peer_overrides(data_yaml: Path, project: Path, args) -> dict:
 
 
 def run_vistrain(data_yaml: Path, project: Path, args, may_abort: bool) -> dict:
-    from vistrain.engine.trainer import Trainer
-
     torch.set_num_threads(args.threads)
-    trainer = Trainer(vistrain_cfg(data_yaml, project, args))
-    clock = StepClock(args, may_abort)
-    seen = {}
-
-    def on_batch_end(tr) -> None:
-        seen["threads"] = torch.get_num_threads()
-        seen["workers"] = tr.train_loader.num_workers
-        if clock.step_end():
-            raise _StopRun
-
-    trainer.add_callback("on_batch_end", on_batch_end)
-    try:
-        with quiet(args.show_progress):
-            trainer.train()
-    except _StopRun:
-        pass
-    if len(clock.stamps) <= args.warmup:
-        raise RuntimeError(f"vistrain ran only {len(clock.stamps)} steps: the training split is too small")
-    seen["children"] = len(getattr(clock.cpu, "pids", [0])) - 1
-    del trainer
-    gc.collect()
-    return {**clock.result(args.batch), **seen}
+    return run_trainer_steps(vistrain_cfg(data_yaml, project, args), args, may_abort)
 
 
 def run_peer(data_yaml: Path, project: Path, args, may_abort: bool, shipped: bool = False) -> dict:
@@ -270,7 +243,7 @@ def run_peer(data_yaml: Path, project: Path, args, may_abort: bool, shipped: boo
         seen["threads"] = torch.get_num_threads()
         seen["workers"] = tr.train_loader.num_workers
         if clock.step_end():
-            raise _StopRun
+            raise StopRun
 
     model = YOLO("yolov5s.yaml", task="detect")
     model.add_callback("on_train_start", on_train_start)
@@ -281,7 +254,7 @@ def run_peer(data_yaml: Path, project: Path, args, may_abort: bool, shipped: boo
     try:
         with quiet(args.show_progress):
             model.train(trainer=BenchTrainer, **overrides)
-    except _StopRun:
+    except StopRun:
         pass
     finally:
         for tr in held:  # its loaders keep worker processes until closed
