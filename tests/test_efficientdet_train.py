@@ -65,3 +65,29 @@ def test_efficientdet_unknown_loss_preset_is_one_line(tmp_path):
     with pytest.raises(UserError, match="loss=focal: EfficientDet's loss presets are effdet and tutorial"):
         vistrain.train(model="efficientdet-d0", data=str(root / "voc"), imgsz=64, epochs=1, batch=2, workers=0,
                        loss="focal", project=str(tmp_path / "runs"), plots=False)
+
+
+def test_exported_efficientdet_validates_and_predicts_like_the_checkpoint(overfit, tmp_path):
+    """The trained D0 exported to ONNX, TorchScript (and OpenVINO where installed): val gives the checkpoint's
+    mAP50-95 (within 0.001), predict its boxes (within 1e-3 px), scores and classes."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is a dev extra")
+    best = Path(overfit["save_dir"]) / "weights" / "best.pt"
+    formats = ["onnx", "torchscript"]
+    try:
+        import openvino  # noqa: F401
+        formats.append("openvino")
+    except ImportError:
+        pass
+    images = [str(p) for p in sorted((overfit["root"] / "detect" / "images" / "train").iterdir())[:3]]
+    kw = {"project": str(tmp_path), "verbose": False}
+    want_val = vistrain.val(model=str(best), data=overfit["data"], workers=0, plots=False, name="v", **kw)
+    want = vistrain.predict(str(best), images, name="p", conf=0.05, **kw)
+    assert want_val["metrics/mAP50-95(B)"] > 0.5 and all(len(r.boxes) for r in want)
+    for fmt in formats:
+        path = vistrain.export(model=str(best), format=fmt, verbose=False)
+        got_val = vistrain.val(model=str(path), data=overfit["data"], workers=0, plots=False, name=f"v{fmt}", **kw)
+        assert abs(got_val["metrics/mAP50-95(B)"] - want_val["metrics/mAP50-95(B)"]) <= 1e-3, fmt
+        for g, r in zip(vistrain.predict(str(path), images, name=f"p{fmt}", conf=0.05, **kw), want):
+            assert len(g.boxes) == len(r.boxes), fmt
+            assert float((g.boxes[:, :4] - r.boxes[:, :4]).abs().max()) <= 1e-3, fmt
+            assert torch.equal(g.boxes[:, 5], r.boxes[:, 5]), fmt

@@ -186,7 +186,8 @@ def test_activation_is_a_constructor_argument(tmp_path):
     assert isinstance(silu_model.layers[0].act, torch.nn.SiLU)  # building one did not change the other
 
 
-@pytest.mark.parametrize("name", ["yolov8n-seg", "yolov5s", "yolov5n-cls"])
+@pytest.mark.parametrize("name", ["yolov8n-seg", "yolov5s", "yolov5n-cls", "resnet18", "efficientnet-b0",
+                                  "efficientdet-d0"])
 def test_fuse_conv_bn_same_outputs(name):
     from vistrain.nn.model import fuse_conv_bn
 
@@ -202,8 +203,9 @@ def test_fuse_conv_bn_same_outputs(name):
         ref = tensors(model(x))
         fused = fuse_conv_bn(model)
         got = tensors(fused(x))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules() if m.__class__.__name__ == "Conv")
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules()) == 0
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    # EfficientDet's class / box nets keep one BatchNorm per level after convolutions shared across the levels
+    assert left == (2 * 3 * 5 if name.startswith("efficientdet") else 0)
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="eval"):

@@ -7,6 +7,7 @@ The Python API takes the same keys as the CLI (``vistrain help`` lists them)::
     results = vistrain.train(model="yolov5n-cls", epochs=3, imgsz=64)
     metrics = vistrain.val(model="runs/classify/train/weights/best.pt")
     preds = vistrain.predict("runs/classify/train/weights/best.pt", "images/")
+    path = vistrain.export(model="runs/classify/train/weights/best.pt", format="onnx")
 """
 
 from __future__ import annotations
@@ -69,4 +70,12 @@ def predict(model: str | None = None, source: Any = None, **kwargs: Any):
     return run_predict(cfg)
 
 
-__all__ = ["build_model", "train", "val", "predict", "__version__"]
+def export(**kwargs: Any):
+    """Export a checkpoint (``model=``) to ``format=`` onnx, torchscript or openvino; returns the written path."""
+    cfg = _config("export", kwargs)
+    from vistrain.deploy.export import export as run_export
+
+    return run_export(cfg)
+
+
+__all__ = ["build_model", "train", "val", "predict", "export", "__version__"]

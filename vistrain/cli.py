@@ -12,6 +12,8 @@ MODES = {
     "train": "train a model (vistrain train model=yolov5n-cls data=DIR epochs=10 imgsz=224)",
     "val": "validate a checkpoint (vistrain val model=runs/classify/train/weights/best.pt)",
     "predict": "predict images (vistrain predict model=best.pt source=DIR|FILE|GLOB)",
+    "export": "export a checkpoint (vistrain export model=best.pt format=onnx|torchscript|openvino imgsz=640 "
+              "dynamic=False)",
     "summary": "print a model's layers, parameters and GFLOPs (vistrain summary model=resnet50 nc=1000)",
     "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0), or write "
             "a Pascal VOC folder's split lists (vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 "
@@ -25,6 +27,7 @@ MODE_KEYS = {
             "save_json", "verbose", "split", "seed"),
     "predict": ("model", "source", "imgsz", "batch", "device", "project", "name", "exist_ok", "save", "save_json",
                 "topk"),
+    "export": ("model", "format", "imgsz", "batch", "dynamic", "half", "opset", "simplify", "device"),
 }
 
 
@@ -168,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             from vistrain.engine.predictor import predict
 
             predict(cfg)
+        elif mode == "export":
+            from vistrain.deploy.export import export
+
+            export(cfg)
         elif mode == "summary":
             summary(cfg)
         elif mode == "data":

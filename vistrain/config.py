@@ -20,18 +20,19 @@ RECIPES_DIR = DEFAULT_CFG_PATH.parent / "recipes"  # cfg=NAME: NAME.yaml here
 NONE_DEFAULT_TYPES: dict[str, type] = {
     "task": str, "model": str, "data": str, "nc": int, "pretrained": str, "time": float,
     "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str, "box": float,
-    "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float,
+    "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float, "opset": int,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
     "optimizer": ("auto", "SGD", "Adam", "AdamW"),
+    "format": ("onnx", "torchscript", "openvino"),
 }
 NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf", "weight_decay", "warmup_epochs",
                 "nbs", "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
                 "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det", "freeze_epochs", "unfreeze_lr0",
                 "lr_step_gamma"}
-POSITIVE = {"batch", "imgsz", "nc", "epochs", "n", "topk", "mask_ratio", "unfreeze_batch"}  # nbs 0 = the batch
+POSITIVE = {"batch", "imgsz", "nc", "epochs", "n", "topk", "mask_ratio", "unfreeze_batch", "opset"}  # nbs 0 = the batch
 UNIT_INTERVAL = {"split", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup", "conf", "iou",
                  "hsv_h", "hsv_s", "hsv_v", "translate", "lr_step_gamma"}
 

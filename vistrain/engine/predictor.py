@@ -169,14 +169,8 @@ def predict(cfg: dict) -> list[Result]:
         cfg["imgsz"] = ckpt["imgsz"]
     names = list(ckpt.get("names") or [str(i) for i in range(ckpt["model_yaml"].get("nc", 0))])
     device, save_dir = prepare_run(cfg, task, default_name="predict")
-    model = model.to(device).eval()
-    if cfg.get("fuse", True):
-        from vistrain.nn.model import fuse_conv_bn
-
-        fuse_conv_bn(model)
-    set_memory_format(model, cfg["channels_last"])
-    if hasattr(task, "setup_model"):
-        task.setup_model(model, None, cfg, train=False)
+    if not getattr(model, "exported", False):  # an exported file's outputs are decoded already
+        model = inference_model(model, task, cfg, device)
     results: list[Result] = []
     skipped: list[str] = []
     videos = _VideoWriters(save_dir)
@@ -210,6 +204,22 @@ def predict(cfg: dict) -> list[Result]:
     for r in results:
         r.extra["save_dir"] = str(save_dir)
     return results
+
+
+def inference_model(model, task, cfg: dict, device):
+    """The checkpoint's model as ``predict`` runs it, and as ``export`` writes it: eval mode, BatchNorm folded
+    (``fuse``), NHWC weights (``channels_last``), the task's ``decode`` after it (``InferenceModel``)."""
+    from vistrain.deploy.export import InferenceModel
+
+    model = model.to(device).eval()
+    if cfg.get("fuse", True):
+        from vistrain.nn.model import fuse_conv_bn
+
+        fuse_conv_bn(model)
+    set_memory_format(model, cfg["channels_last"])
+    if hasattr(task, "setup_model"):
+        task.setup_model(model, None, cfg, train=False)
+    return InferenceModel(model, task).eval()
 
 
 def write_classify_predictions(results: list[Result], save_dir: Path, k: int, save_json: bool) -> None:

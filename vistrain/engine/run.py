@@ -88,9 +88,34 @@ def get_task_for(cfg: dict, model_task: str):
     return task
 
 
+def resolve_exported(cfg: dict):
+    """``model=`` an exported file (ONNX, TorchScript, OpenVINO): ``(task, ExportedModel, checkpoint-like dict)``;
+    the task learns the head's kind and class count from the file's metadata."""
+    from vistrain.deploy.runtime import load_exported
+
+    model = load_exported(cfg["model"])
+    meta = model.meta
+    task = get_task_for(cfg, meta["task"])
+    if hasattr(task, "set_head_kind"):
+        task.set_head_kind(meta["head"], meta["nc"])
+        task.cfg = cfg  # what setup_model would record: the NMS keys (soft_nms)
+    size = int(meta["imgsz"][0])
+    if not meta.get("dynamic_hw") and "imgsz" in user_keys(cfg) and int(cfg["imgsz"]) != size:
+        raise UserError(f"imgsz={cfg['imgsz']}: {cfg['model']} was exported for {size} x {size} inputs; use "
+                        f"imgsz={size}, or export with dynamic=True")
+    ckpt = {"names": meta["names"], "imgsz": size, "task": meta["task"], "model_yaml": meta["model_yaml"],
+            "train_args": meta.get("train_args") or {}, "exported": meta}
+    return task, model, ckpt
+
+
 def resolve_task_and_model(cfg: dict, need_model: bool = True):
     """For val/predict: ``(task, model or None, checkpoint or None)``. Without a checkpoint the model
-    is built later from the data's class count, so ``None`` is returned for it."""
+    is built later from the data's class count, so ``None`` is returned for it.  An exported file gives an
+    ``ExportedModel`` (``vistrain.deploy.runtime``), whose outputs are already decoded."""
+    from vistrain.deploy.runtime import is_exported
+
+    if is_exported(cfg.get("model")):
+        return resolve_exported(cfg)
     task_name, model_yaml, ckpt = resolve_model_source(cfg)
     task = get_task_for(cfg, task_name)
     model = None

@@ -24,6 +24,7 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
     """
     was_training = model.training
     model.eval()
+    exported = getattr(model, "exported", False)  # an exported file: decoded outputs, no loss
     metrics = task.new_metrics(names)
     loss_sum = torch.zeros(len(task.loss_names), device=device)
     batches = 0
@@ -32,6 +33,9 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
         batch = task.preprocess(batch, device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
             preds = model(batch["img"])
+        if exported:
+            task.update_metrics(metrics, preds, batch, decoded=True)
+            continue
         loss_sum += task.loss(preds, batch)[1]
         batches += 1
         task.update_metrics(metrics, preds, batch)
@@ -83,13 +87,18 @@ def val(cfg: dict) -> dict[str, Any]:
 
         raise UserError(f"data={data.source}: its classes {names} differ from the model's {list(ckpt['names'])}")
     loader = make_loader(data.val, task, cfg["batch"], cfg["workers"], shuffle=False, device=device)
-    model = set_memory_format(model.to(device), cfg["channels_last"])
-    if hasattr(task, "setup_model"):
-        task.setup_model(model, data, cfg, train=False)
+    if ckpt.get("exported"):
+        if not ckpt["exported"].get("dynamic_hw") and getattr(data.val, "rect", False):
+            data.val.square()  # an export of fixed size: every batch letterboxed to its square
+    else:
+        model = set_memory_format(model.to(device), cfg["channels_last"])
+        if hasattr(task, "setup_model"):
+            task.setup_model(model, data, cfg, train=False)
     t0 = time.time()
     metrics, losses = run_validation(model, loader, task, names, device, plot_dir=save_dir if cfg["plots"] else None)
-    results = {**metrics.results(), **{f"val/{k}": float(v) for k, v in zip(task.loss_names, losses)},
-               "fitness": metrics.fitness()}
+    results = {**metrics.results(), "fitness": metrics.fitness()}
+    if not ckpt.get("exported"):  # an exported model gives no raw outputs to compute the loss on
+        results.update({f"val/{k}": float(v) for k, v in zip(task.loss_names, losses)})
     for line in task.report(metrics, names):
         LOGGER.info(line)
     LOGGER.info(f"Speed: {1000 * (time.time() - t0) / max(len(data.val), 1):.1f} ms per image, "

@@ -182,46 +182,53 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Te
     return kept_idx[top], kept_score[top]
 
 
-def postprocess(cls_outs: Sequence[torch.Tensor], box_outs: Sequence[torch.Tensor], anchors: torch.Tensor,
-                conf: float = 0.001, iou: float = 0.5, max_det: int = 100, classes: Sequence[int] | None = None,
-                agnostic: bool = False, topk: int = 5000, soft_nms: bool = False, soft_nms_sigma: float = 0.5,
-                soft_nms_min_score: float = 0.001, image_size: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """Raw EfficientDet outputs -> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class) best first, in
-    input pixels; score = sigmoid probability, class 0-based; K <= ``max_det``, no padding rows.
+def decode_outputs(cls_outs: Sequence[torch.Tensor], box_outs: Sequence[torch.Tensor],
+                   anchors: torch.Tensor) -> torch.Tensor:
+    """Raw EfficientDet outputs -> ``Tensor[B, N, 4 + nc]``: every anchor's box (x1, y1, x2, y2 in input pixels,
+    decoded on ``anchors``, ``make_anchors`` of the input size) and class probabilities (sigmoid), in anchor
+    order.  What an exported EfficientDet returns; ``select_detections`` turns it into detections."""
+    cls, box = flatten_outputs(cls_outs, box_outs)
+    if anchors.shape[0] != cls.shape[1]:
+        raise ValueError(f"{anchors.shape[0]} anchors for {cls.shape[1]} predictions per image: anchors of another "
+                         f"input size?")
+    boxes = decode_boxes(box.float(), anchors.to(box.device))
+    return torch.cat((boxes, cls.float().sigmoid()), -1)
 
-    As effdet's ``DetBenchPredict``: the ``topk`` best (anchor, class) logits of an image over all levels,
-    their boxes decoded on ``anchors`` (``make_anchors`` of the input size), then class-wise NMS at IoU
-    ``iou`` (``torchvision.ops.batched_nms``) or, with ``soft_nms``, Gaussian soft-NMS (``batched_soft_nms``;
-    the kept boxes carry their decayed scores; ``iou`` is not used), and the ``max_det`` best.  Options
-    effdet does not have: ``conf`` drops scores below it, ``classes`` keeps only those classes, ``agnostic``
-    suppresses across classes, and ``image_size`` (h, w) clips boxes to the image before NMS (effdet clips only
-    when given ``img_info``; without it, as here by default, boxes may reach past the image).  With
+
+def select_detections(decoded: torch.Tensor, conf: float = 0.001, iou: float = 0.5, max_det: int = 100,
+                      classes: Sequence[int] | None = None, agnostic: bool = False, topk: int = 5000,
+                      soft_nms: bool = False, soft_nms_sigma: float = 0.5, soft_nms_min_score: float = 0.001,
+                      image_size: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """``decode_outputs``' ``Tensor[B, N, 4 + nc]`` -> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class)
+    best first, in input pixels; score = sigmoid probability, class 0-based; K <= ``max_det``, no padding rows.
+
+    As effdet's ``DetBenchPredict``: the ``topk`` best (anchor, class) scores of an image over all levels, then
+    class-wise NMS at IoU ``iou`` (``torchvision.ops.batched_nms``) or, with ``soft_nms``, Gaussian soft-NMS
+    (``batched_soft_nms``; the kept boxes carry their decayed scores; ``iou`` is not used), and the ``max_det``
+    best.  Options effdet does not have: ``conf`` drops scores below it, ``classes`` keeps only those classes,
+    ``agnostic`` suppresses across classes, and ``image_size`` (h, w) clips boxes to the image before NMS (effdet
+    clips only when given ``img_info``; without it, as here by default, boxes may reach past the image).  With
     ``conf=0`` and the other options at their defaults the detections equal effdet's (its 1-based classes
     minus 1, its zero padding rows dropped)."""
-    cls, box = flatten_outputs(cls_outs, box_outs)
-    b, n, nc = cls.shape
-    if anchors.shape[0] != n:
-        raise ValueError(f"{anchors.shape[0]} anchors for {n} predictions per image: anchors of another input size?")
-    anchors = anchors.to(box.device)
+    b, n, c = decoded.shape
+    nc = c - 4
     k = min(topk, n * nc)
-    logits, flat_idx = cls.reshape(b, -1).topk(k, dim=1)
+    scores, flat_idx = decoded[..., 4:].reshape(b, -1).topk(k, dim=1)
     a_idx, c_idx = flat_idx // nc, flat_idx % nc
-    codes = box.gather(1, a_idx[..., None].expand(-1, -1, 4)).float()
-    boxes = decode_boxes(codes, anchors[a_idx])  # [B, k, 4]
+    boxes = decoded[..., :4].gather(1, a_idx[..., None].expand(-1, -1, 4))  # [B, k, 4]
     if image_size is not None:
         lim = torch.tensor([image_size[1], image_size[0]] * 2, dtype=boxes.dtype, device=boxes.device)
         boxes = boxes.clamp(min=0).minimum(lim)
-    scores = logits.float().sigmoid()
-    keep_cls = None if classes is None else torch.as_tensor(list(classes), device=box.device)
+    keep_cls = None if classes is None else torch.as_tensor(list(classes), device=decoded.device)
     out = []
     for i in range(b):
-        bx, sc, c = boxes[i], scores[i], c_idx[i]
+        bx, sc, cl = boxes[i], scores[i], c_idx[i]
         keep = sc >= conf
         if keep_cls is not None:
-            keep &= torch.isin(c, keep_cls)
+            keep &= torch.isin(cl, keep_cls)
         if not bool(keep.all()):
-            bx, sc, c = bx[keep], sc[keep], c[keep]
-        grp = torch.zeros_like(c) if agnostic else c
+            bx, sc, cl = bx[keep], sc[keep], cl[keep]
+        grp = torch.zeros_like(cl) if agnostic else cl
         if soft_nms:
             j, sc_j = batched_soft_nms(bx, sc, grp, soft_nms_sigma, soft_nms_min_score, max_det)
             ok = sc_j >= conf
@@ -229,5 +236,11 @@ def postprocess(cls_outs: Sequence[torch.Tensor], box_outs: Sequence[torch.Tenso
         else:
             j = torchvision.ops.batched_nms(bx, sc, grp, iou)[:max_det]
             sc_j = sc[j]
-        out.append(torch.cat((bx[j], sc_j[:, None], c[j, None].to(bx.dtype)), 1))
+        out.append(torch.cat((bx[j], sc_j[:, None], cl[j, None].to(bx.dtype)), 1))
     return out
+
+
+def postprocess(cls_outs: Sequence[torch.Tensor], box_outs: Sequence[torch.Tensor], anchors: torch.Tensor,
+                **settings) -> list[torch.Tensor]:
+    """Raw EfficientDet outputs -> detections: ``select_detections(decode_outputs(...), **settings)``."""
+    return select_detections(decode_outputs(cls_outs, box_outs, anchors), **settings)

@@ -81,8 +81,14 @@ class ClassifyTask:
     def new_metrics(self, names: list[str]) -> ClassifyMetrics:
         return ClassifyMetrics(len(names))
 
-    def update_metrics(self, metrics: ClassifyMetrics, preds: torch.Tensor, batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics: ClassifyMetrics, preds: torch.Tensor, batch: dict[str, Any],
+                       decoded: bool = False) -> None:
+        """Score logits, or probabilities (``decoded``: an exported model's); the ranking is the same."""
         metrics.update(preds, batch["cls"])
+
+    def decode(self, preds: torch.Tensor) -> torch.Tensor:
+        """Logits ``Tensor[B, C]`` -> class probabilities (softmax): what an exported classifier returns."""
+        return preds.float().softmax(1)
 
     def report(self, metrics: ClassifyMetrics, names: list[str]) -> list[str]:
         lines = [f"{'class':>20} {'images':>8} {'top1_acc':>9}",
@@ -116,9 +122,9 @@ class ClassifyTask:
 
         return eval_transform(image, imgsz), None
 
-    def predict_postprocess(self, preds: torch.Tensor, cfg: dict, metas: list) -> list[torch.Tensor]:
-        """Raw logits ``Tensor[B, C]`` -> one probability vector ``Tensor[C]`` per image."""
-        return list(preds.float().softmax(1).cpu())
+    def predict_postprocess(self, probs: torch.Tensor, cfg: dict, metas: list) -> list[torch.Tensor]:
+        """``decode``'s probabilities ``Tensor[B, C]`` -> one probability vector ``Tensor[C]`` per image."""
+        return list(probs.float().cpu())
 
     def make_result(self, path: str, names: list[str], image, out: torch.Tensor):
         from vistrain.engine.predictor import Result

@@ -99,6 +99,7 @@ class DetectTask:
         self.loss_fn = None
         self.anchor_report: dict | None = None
         self._anchor_cache: dict = {}  # EfficientDet: input (h, w) -> anchors
+        self._head_kind, self._nc = "yolov5", 0  # set_head_kind: exported models, which have no head module here
         self.data_yaml: dict | None = None
 
     def default_model(self) -> str:
@@ -194,16 +195,28 @@ class DetectTask:
 
     # --- model hooks --------------------------------------------------------------------
     @property
-    def anchor_free(self) -> bool:
+    def head_kind(self) -> str:
+        """'yolov5' (anchor-based ``Detect``), 'yolov8' (anchor-free ``DetectDFL`` / ``Segment``) or 'effdet': it
+        decides the loss, the decoding and the NMS.  An exported model's metadata sets it (``set_head_kind``)."""
+        from vistrain.nn.efficientdet import EfficientDet
         from vistrain.nn.modules import DetectDFL
 
-        return isinstance(self.head, DetectDFL)
+        if self.head is None:
+            return self._head_kind
+        return "effdet" if isinstance(self.head, EfficientDet) else "yolov8" if isinstance(self.head, DetectDFL) \
+            else "yolov5"
+
+    def set_head_kind(self, kind: str, nc: int) -> None:
+        """For outputs decoded elsewhere (an exported model): no head module here, its kind and class count."""
+        self.head, self._head_kind, self._nc = None, kind, int(nc)
+
+    @property
+    def anchor_free(self) -> bool:
+        return self.head_kind == "yolov8"
 
     @property
     def effdet(self) -> bool:
-        from vistrain.nn.efficientdet import EfficientDet
-
-        return isinstance(self.head, EfficientDet)
+        return self.head_kind == "effdet"
 
     def find_head(self, model: torch.nn.Module, cfg: dict):
         from vistrain.nn.efficientdet import EfficientDet
@@ -303,29 +316,46 @@ class DetectTask:
     def nms_settings(self, cfg: dict, mode: str) -> dict:
         return nms_settings(cfg, mode, anchor_free=self.anchor_free, effdet=self.effdet)
 
-    def postprocess(self, preds, settings: dict) -> list[torch.Tensor]:
-        """Raw head outputs -> per image ``Tensor[K, 6 + E]`` (x1, y1, x2, y2, score, class, E extra columns:
-        a Segment head's mask coefficients) in input pixels."""
-        from vistrain.ops.boxes import decode_dfl, decode_yolov5, non_max_suppression
+    def decode(self, preds):
+        """Raw head outputs -> what an exported model returns, before NMS: ``Tensor[B, N, C]`` in input pixels.
+        YOLOv5: (cx, cy, w, h), objectness, class probabilities; YOLOv8: (cx, cy, w, h), class probabilities
+        (Segment: then its mask coefficients; see ``SegmentTask.decode``); EfficientDet: (x1, y1, x2, y2) of every
+        anchor, class probabilities.  Pure tensor code, traced into exported graphs."""
+        from vistrain.ops.boxes import decode_dfl, decode_yolov5
 
-        kw = {k: settings[k] for k in ("conf", "iou", "classes", "agnostic", "max_det")}
         if self.effdet:
-            from vistrain.ops.retina import make_anchors, postprocess
+            from vistrain.ops.retina import decode_outputs, make_anchors
 
             cls_outs, box_outs = preds
             # inputs are multiples of 32 (letterbox), so P3 (1/8, rounded up) gives the input size exactly
             hw = tuple(int(s) * 8 for s in cls_outs[0].shape[-2:])
             if hw not in self._anchor_cache:
                 self._anchor_cache = {hw: make_anchors(hw, **self.head.anchor_config())}
-            anchors = self._anchor_cache[hw].to(cls_outs[0].device)
-            return postprocess(cls_outs, box_outs, anchors, soft_nms=bool(self.cfg.get("soft_nms")), **kw)
+            return decode_outputs(cls_outs, box_outs, self._anchor_cache[hw].to(cls_outs[0].device))
         if not self.anchor_free:
-            return non_max_suppression(decode_yolov5(preds, self.head.anchors, self.head.stride), **kw)
+            return decode_yolov5(preds, self.head.anchors, self.head.stride)
         levels, coef = (preds[0], preds[1]) if isinstance(preds, tuple) else (preds, None)
         decoded = decode_dfl(levels, self.head.stride, self.head.reg_max)
-        if coef is not None:
-            decoded = torch.cat((decoded, coef.transpose(1, 2).float()), -1)
-        return non_max_suppression(decoded, objectness=False, nc=self.head.nc, **kw)
+        return decoded if coef is None else torch.cat((decoded, coef.transpose(1, 2).float()), -1)
+
+    def select(self, decoded: torch.Tensor, settings: dict) -> list[torch.Tensor]:
+        """``decode``'s output (from the model here or from an exported one) -> per image ``Tensor[K, 6 + E]``
+        (x1, y1, x2, y2, score, class, E extra columns: mask coefficients) in input pixels, best first."""
+        from vistrain.ops.boxes import non_max_suppression
+
+        kw = {k: settings[k] for k in ("conf", "iou", "classes", "agnostic", "max_det")}
+        if self.effdet:
+            from vistrain.ops.retina import select_detections
+
+            return select_detections(decoded, soft_nms=bool(self.cfg.get("soft_nms")), **kw)
+        if not self.anchor_free:
+            return non_max_suppression(decoded, **kw)
+        nc = self.head.nc if self.head is not None else self._nc
+        return non_max_suppression(decoded, objectness=False, nc=nc, **kw)
+
+    def postprocess(self, preds, settings: dict) -> list[torch.Tensor]:
+        """Raw head outputs -> per image detections: ``select(decode(preds))``."""
+        return self.select(self.decode(preds), settings)
 
     # --- metrics --------------------------------------------------------------------------
     def new_metrics(self, names: list[str]):
@@ -336,10 +366,11 @@ class DetectTask:
         # VOC data: VOC AP50 (all-point and VOC2007 11-point) beside the COCO metrics
         return DetectMetrics(names, voc=bool(self.data_yaml) and data_format(self.data_yaml) == "voc")
 
-    def update_metrics(self, metrics, preds: list[torch.Tensor], batch: dict[str, Any]) -> None:
+    def update_metrics(self, metrics, preds, batch: dict[str, Any], decoded: bool = False) -> None:
+        """Score a batch: ``preds`` the model's raw outputs, or ``decode``'s (``decoded``: an exported model's)."""
         from vistrain.data.augment import scale_boxes_back
 
-        dets = self.postprocess(preds, self.nms_settings(self.cfg, "val"))
+        dets = self.select(preds if decoded else self.decode(preds), self.nms_settings(self.cfg, "val"))
         for i, det in enumerate(dets):
             det = det.detach().float().cpu().clone()
             h0, w0 = batch["ori_shape"][i]
@@ -398,12 +429,13 @@ class DetectTask:
         x = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255.0)
         return x, (ratio, pad, img.shape[:2])
 
-    def predict_postprocess(self, preds: list[torch.Tensor], cfg: dict, metas: list) -> list[torch.Tensor]:
-        """-> per image ``Tensor[K, 6]`` (x1, y1, x2, y2, score, class) in original-image pixels."""
+    def predict_postprocess(self, decoded: torch.Tensor, cfg: dict, metas: list) -> list[torch.Tensor]:
+        """``decode``'s output (the PyTorch model's or an exported model's) -> per image ``Tensor[K, 6]`` (x1, y1,
+        x2, y2, score, class) in original-image pixels."""
         from vistrain.data.augment import scale_boxes_back
 
         out = []
-        for det, (ratio, pad, shape) in zip(self.postprocess(preds, self.nms_settings(cfg, "predict")), metas):
+        for det, (ratio, pad, shape) in zip(self.select(decoded, self.nms_settings(cfg, "predict")), metas):
             det = det.detach().float().cpu().clone()
             det[:, :4] = torch.as_tensor(scale_boxes_back(det[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
             out.append(det)

@@ -127,17 +127,26 @@ class SegmentTask(DetectTask):
 
         return SegmentMetrics(names)
 
-    def update_metrics(self, metrics, preds, batch: dict[str, Any]) -> None:
+    def decode(self, preds):
+        """Raw Segment outputs -> ``(Tensor[B, N, 4 + nc + nm], prototypes Tensor[B, nm, h, w])``: detection's
+        decoded boxes and class probabilities followed by each anchor's mask coefficients, and the prototypes."""
+        return super().decode(preds), preds[2]
+
+    def select(self, decoded, settings: dict) -> list[torch.Tensor]:
+        return super().select(decoded[0], settings)
+
+    def update_metrics(self, metrics, preds, batch: dict[str, Any], decoded: bool = False) -> None:
         from vistrain.data.augment import scale_boxes_back
 
-        dets = self.postprocess(preds, self.nms_settings(self.cfg, "val"))
+        preds = preds if decoded else self.decode(preds)  # (boxes, prototypes)
+        dets = self.select(preds, self.nms_settings(self.cfg, "val"))
         input_hw = tuple(batch["img"].shape[2:])
         all_masks = bool(self.cfg.get("save_json"))  # predictions.json holds every mask
         for i, det in enumerate(dets):
             h0, w0 = batch["ori_shape"][i]
             gt = batch["ori_labels"][i]
             gt_rles = polygon_rles(gt["segments"], h0, w0)
-            masks = self.masks_for(det, preds[2][i], input_hw, batch["ratio_pad"][i], (h0, w0),
+            masks = self.masks_for(det, preds[1][i], input_hw, batch["ratio_pad"][i], (h0, w0),
                                    gt_rles=None if all_masks else gt_rles)
             box = det[:, :6].detach().float().cpu().clone()
             box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), *batch["ratio_pad"][i], (h0, w0)))
@@ -170,24 +179,25 @@ class SegmentTask(DetectTask):
                     masks.append(gt[start:start + len(ti)] > 0)
                 start += len(ti)
         else:
-            preds = _first_images(preds, 16)
+            decoded = self.decode(_first_images(preds, 16))
             settings = {**self.nms_settings(self.cfg, "predict"), "conf": 0.25}
-            for i, det in enumerate(self.postprocess(preds, settings)):
+            for i, det in enumerate(self.select(decoded, settings)):
                 det = det.detach()
                 boxes.append(det[:, :6].cpu())
-                masks.append(masks_from_protos(det[:, 6:], preds[2][i].detach(), det[:, :4], (h, w)).cpu())
+                masks.append(masks_from_protos(det[:, 6:], decoded[1][i].detach(), det[:, :4], (h, w)).cpu())
         plot_detections(imgs, boxes, names, path, show_conf=preds is not None, masks=masks)
 
     # --- prediction ---------------------------------------------------------------------
-    def predict_postprocess(self, preds, cfg: dict, metas: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """-> per image (``Tensor[K, 6]`` boxes in original pixels, bool ``Tensor[K, h0, w0]`` masks)."""
+    def predict_postprocess(self, decoded, cfg: dict, metas: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``decode``'s (boxes, prototypes) -> per image (``Tensor[K, 6]`` boxes in original pixels, bool
+        ``Tensor[K, h0, w0]`` masks)."""
         from vistrain.data.augment import scale_boxes_back
 
         out = []
         input_hw = (int(cfg["imgsz"]), int(cfg["imgsz"]))  # predict_preprocess letterboxes to this square
-        dets = self.postprocess(preds, self.nms_settings(cfg, "predict"))
+        dets = self.select(decoded, self.nms_settings(cfg, "predict"))
         for i, (det, (ratio, pad, shape)) in enumerate(zip(dets, metas)):
-            masks = self.masks_for(det, preds[2][i], input_hw, (ratio, pad), tuple(shape))
+            masks = self.masks_for(det, decoded[1][i], input_hw, (ratio, pad), tuple(shape))
             box = det[:, :6].detach().float().cpu().clone()
             box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
             out.append((box, masks))

@@ -1,0 +1,165 @@
+"""vistrain export: every built-in model YAML to ONNX and TorchScript (OpenVINO where installed), outputs equal to
+PyTorch's at two input sizes and batch sizes; metadata in the files; bad input is one line.  (val and predict from
+exported files: tests/test_efficientdet_train.py, on a trained model.)"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import vistrain
+from vistrain import build_model
+from vistrain.cli import main
+from vistrain.config import get_config
+from vistrain.engine.predictor import inference_model
+from vistrain.deploy.runtime import load_exported
+from vistrain.nn.model import MODELS_DIR
+from vistrain.tasks.base import get_task
+
+pytest.importorskip("onnx", reason="onnx is a dev extra")
+pytest.importorskip("onnxruntime", reason="onnxruntime is a dev extra")
+HAVE_OPENVINO = True
+try:
+    import openvino  # noqa: F401
+except ImportError:
+    HAVE_OPENVINO = False
+
+
+def one_name_per_yaml() -> list[str]:
+    """The smallest scale of every built-in model YAML (EfficientDet-D0, EfficientNet-B0, yolov5n, ...)."""
+    names = []
+    for p in sorted(MODELS_DIR.glob("*.yaml")):
+        d = yaml.safe_load(p.read_text())
+        scale = next(iter(d.get("scales") or {}), None)
+        if scale is None:
+            names.append(p.stem)
+        elif d.get("arch") in ("efficientdet", "efficientnet"):
+            names.append(f"{p.stem}-{scale}")
+        else:
+            m = re.match(r"^(yolov\d+)(.*)$", p.stem)
+            names.append(f"{m.group(1)}{scale}{m.group(2)}")
+    return names
+
+
+MODELS = one_name_per_yaml()
+
+
+def size_of(name: str) -> int:
+    return 128 if name.startswith("efficientdet") else 64
+
+
+def fresh_checkpoint(name: str, folder: Path) -> Path:
+    """A checkpoint of a fresh model whose BatchNorms hold non-trivial running statistics (so folding them
+    into the convolutions is exercised)."""
+    torch.manual_seed(0)
+    imgsz = size_of(name)
+    model = build_model(name, num_classes=3, imgsz=imgsz)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(2, 3, imgsz, imgsz))
+    path = folder / f"{name}.pt"
+    torch.save({"model": model.state_dict(), "model_yaml": model.yaml, "task": model.task, "names": ["a", "b", "c"],
+                "imgsz": imgsz}, path)
+    return path
+
+
+def reference(ckpt: Path):
+    """The checkpoint's model as PyTorch runs it (unfused, NCHW): ``decode(model(x))``."""
+    model = build_model(str(ckpt))
+    task = get_task(model.task)
+    cfg = get_config({"fuse": False, "channels_last": False, "imgsz": size_of(ckpt.stem)})
+    return inference_model(model, task, cfg, torch.device("cpu"))
+
+
+def outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def assert_same_outputs(runner, ref, name: str, dynamic_hw: bool) -> None:
+    """At two batch sizes, and two input sizes when they are dynamic: max abs diff <= 1e-4 (FP32)."""
+    s = size_of(name)
+    sizes = [(1, s, s), (2, s + 32, s + 64)] if dynamic_hw else [(1, s, s), (3, s, s)]
+    for b, h, w in sizes:
+        x = torch.rand(b, 3, h, w)
+        with torch.no_grad():
+            want = outputs(ref(x))
+        got = outputs(runner(x))
+        assert len(got) == len(want)
+        for g, r in zip(got, want):
+            assert g.shape == r.shape, (b, h, w)
+            assert float((g - r).abs().max()) <= 1e-4, (name, b, h, w, float((g - r).abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_yaml_exports_with_equal_outputs(name, fmt, tmp_path):
+    ckpt = fresh_checkpoint(name, tmp_path)
+    path = vistrain.export(model=str(ckpt), format=fmt, dynamic=True, verbose=False)
+    assert path == ckpt.with_suffix("." + fmt) and path.is_file()
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph)
+        assert graph.opset_import[0].version >= 17
+        props = {p.key: p.value for p in graph.metadata_props}
+        assert props["task"] == build_model(name, num_classes=3).task and yaml.safe_load(props["names"]) == ["a", "b", "c"]
+    runner = load_exported(path)
+    meta = runner.meta
+    assert meta["names"] == ["a", "b", "c"] and meta["imgsz"] == [size_of(name)] * 2
+    assert meta["model_yaml"]["name"] == build_model(name, num_classes=3).yaml["name"]
+    assert meta["dynamic_hw"] == (not name.startswith(("efficientdet", "yolov5-backbone-cls")))  # fixed-size models
+    assert_same_outputs(runner, reference(ckpt), name, meta["dynamic_hw"])
+
+
+@pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed (pip install 'vistrain[openvino]')")
+@pytest.mark.parametrize("name", ["yolov8n-seg", "yolov5n", "efficientdet-d0", "resnet18"])
+def test_openvino_exports_with_equal_outputs(name, tmp_path):
+    ckpt = fresh_checkpoint(name, tmp_path)
+    path = vistrain.export(model=str(ckpt), format="openvino", dynamic=True, verbose=False)
+    assert path.name == f"{name}_openvino_model" and any(path.glob("*.xml")) and not any(path.glob("*.onnx"))
+    runner = load_exported(path)
+    assert runner.meta["task"] == build_model(name, num_classes=3).task
+    assert_same_outputs(runner, reference(ckpt), name, runner.meta["dynamic_hw"])
+
+
+def test_fixed_size_export_runs_larger_batches_in_chunks(tmp_path):
+    ckpt = fresh_checkpoint("yolov5n", tmp_path)
+    path = vistrain.export(model=str(ckpt), format="onnx", batch=2, verbose=False)
+    runner = load_exported(path)
+    assert not runner.meta["dynamic"] and runner.meta["batch"] == 2
+    assert_same_outputs(runner, reference(ckpt), "yolov5n", dynamic_hw=False)  # batches 1 and 3: padded chunks
+
+
+@pytest.mark.parametrize("args,words", [
+    (["model=yolov8n.yaml"], "needs a trained vistrain checkpoint"),
+    (["format=tflite"], "format=tflite: not one of onnx, torchscript, openvino"),
+    (["imgsz=100"], "imgsz=100: not a multiple of the model's stride 32; use imgsz=128"),
+    (["opset=11"], "opset=11: use 17 or newer"),
+])
+def test_bad_export_input_is_one_line(args, words, tmp_path, capsys):
+    ckpt = fresh_checkpoint("yolov5n", tmp_path)
+    argv = ["export", f"model={ckpt}", *args] if not args[0].startswith("model=") else ["export", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_exported_file_without_metadata_is_refused(tmp_path, capsys):
+    import onnx
+
+    ckpt = fresh_checkpoint("yolov5n", tmp_path)
+    path = vistrain.export(model=str(ckpt), format="onnx", verbose=False)
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    onnx.save(graph, str(path))
+    assert main(["predict", f"model={path}", f"source={tmp_path}"]) == 2
+    assert "no vistrain metadata" in capsys.readouterr().err
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    assert main(["val", f"model={tmp_path / 'broken.onnx'}"]) == 2
+    assert "cannot be loaded" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Deployment: ``export`` (checkpoint -> ONNX / TorchScript / OpenVINO) and ``runtime`` (running those files)."""
