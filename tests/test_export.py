@@ -52,7 +52,7 @@ def size_of(name: str) -> int:
     return 128 if name.startswith("efficientdet") else 64
 
 
-def fresh_checkpoint(name: str, folder: Path) -> Path:
+def fresh_checkpoint(name: str, folder: Path, names=("a", "b", "c")) -> Path:
     """A checkpoint of a fresh model whose BatchNorms hold non-trivial running statistics (so folding them
     into the convolutions is exercised)."""
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def fresh_checkpoint(name: str, folder: Path) -> Path:
         for _ in range(2):
             model(torch.rand(2, 3, imgsz, imgsz))
     path = folder / f"{name}.pt"
-    torch.save({"model": model.state_dict(), "model_yaml": model.yaml, "task": model.task, "names": ["a", "b", "c"],
+    torch.save({"model": model.state_dict(), "model_yaml": model.yaml, "task": model.task, "names": list(names),
                 "imgsz": imgsz}, path)
     return path
 
@@ -163,3 +163,30 @@ def test_exported_file_without_metadata_is_refused(tmp_path, capsys):
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     assert main(["val", f"model={tmp_path / 'broken.onnx'}"]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
+
+
+
+def test_benchmark_table(colour_folder, tmp_path, monkeypatch, capsys):
+    """vistrain benchmark: a row per format with size, top-1 and ms per image; the metric is the same in every
+    format; a format that fails (here OpenVINO made to fail) keeps its row with the reason, the others go on."""
+    import csv
+
+    import vistrain.deploy.export as export_module
+    from vistrain.engine.utils import UserError
+
+    ckpt = fresh_checkpoint("yolov5n-cls", tmp_path, names=["blue", "green", "red"])  # the folder's classes
+
+    def no_openvino(*args, **kwargs):
+        raise UserError("openvino is not installed; pip install 'vistrain[openvino]'")
+
+    monkeypatch.setattr(export_module, "write_openvino", no_openvino)
+    assert main(["benchmark", f"model={ckpt}", f"data={colour_folder}", "workers=0", "imgsz=64",
+                 f"project={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "openvino     failed: openvino is not installed" in out
+    rows = list(csv.DictReader((tmp_path / "runs" / "classify" / "benchmark" / "benchmark.csv").open()))
+    assert [r["format"] for r in rows] == ["pytorch", "torchscript", "onnx", "openvino"]
+    ok = rows[:3]
+    assert all(not r["error"] and float(r["ms"]) > 0 and float(r["size_mb"]) > 0 for r in ok)
+    assert max(float(r["metric"]) for r in ok) - min(float(r["metric"]) for r in ok) <= 1e-3
+    assert float(ok[0]["speedup"]) == 1.0 and rows[3]["error"].startswith("openvino is not installed")

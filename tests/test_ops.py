@@ -120,3 +120,20 @@ def test_masks_from_protos_equal_whole_image_upsampling(orig_hw, pixel_cost, mon
     only = torch.rand(60, generator=g) < 0.5
     some = masks_from_protos(coef, proto, boxes, input_hw, ratio_pad, orig_hw, only=only)
     assert torch.equal(some[only], got[only]) and not some[~only].any()
+
+
+def test_batched_nms_keeps_groups_apart_with_negative_coordinates():
+    """Boxes reaching past the image (x1 < 0): torchvision's coordinate trick shifts groups by max + 1, which let
+    a class-1 box [-120, -120, 10, 10] (shifted to [511, 511, 641, 641]) on a class-0 box [500, 500, 630, 630]
+    (IoU 0.71) and suppress it."""
+    import torchvision
+
+    from vistrain.ops.boxes import batched_nms
+
+    boxes = torch.tensor([[500.0, 500, 630, 630], [-120.0, -120, 10, 10], [0.0, 0, 630, 630]])
+    scores = torch.tensor([0.8, 0.9, 0.1])
+    groups = torch.tensor([0, 1, 2])
+    assert sorted(batched_nms(boxes, scores, groups, 0.5).tolist()) == [0, 1, 2]  # one box per class: all kept
+    assert len(torchvision.ops.batched_nms(boxes, scores, groups, 0.5)) < 3  # what the shift by max + 1 did
+    same = torch.tensor([0, 0, 0])
+    assert batched_nms(boxes, scores, same, 0.5).tolist() == torchvision.ops.nms(boxes, scores, 0.5).tolist()

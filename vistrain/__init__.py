@@ -78,4 +78,12 @@ def export(**kwargs: Any):
     return run_export(cfg)
 
 
-__all__ = ["build_model", "train", "val", "predict", "export", "__version__"]
+def benchmark(**kwargs: Any) -> list[dict]:
+    """Export a checkpoint to every format, validate and time each; returns the table's rows."""
+    cfg = _config("benchmark", kwargs)
+    from vistrain.deploy.benchmark import benchmark as run_benchmark
+
+    return run_benchmark(cfg)
+
+
+__all__ = ["build_model", "train", "val", "predict", "export", "benchmark", "__version__"]

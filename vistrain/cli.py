@@ -14,6 +14,7 @@ MODES = {
     "predict": "predict images (vistrain predict model=best.pt source=DIR|FILE|GLOB)",
     "export": "export a checkpoint (vistrain export model=best.pt format=onnx|torchscript|openvino imgsz=640 "
               "dynamic=False)",
+    "benchmark": "export to every format, validate and time each (vistrain benchmark model=best.pt)",
     "summary": "print a model's layers, parameters and GFLOPs (vistrain summary model=resnet50 nc=1000)",
     "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0), or write "
             "a Pascal VOC folder's split lists (vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 "
@@ -28,6 +29,7 @@ MODE_KEYS = {
     "predict": ("model", "source", "imgsz", "batch", "device", "project", "name", "exist_ok", "save", "save_json",
                 "topk"),
     "export": ("model", "format", "imgsz", "batch", "dynamic", "half", "opset", "simplify", "device"),
+    "benchmark": ("model", "data", "imgsz", "batch", "workers", "device", "project"),
 }
 
 
@@ -175,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             from vistrain.deploy.export import export
 
             export(cfg)
+        elif mode == "benchmark":
+            from vistrain.deploy.benchmark import benchmark
+
+            benchmark(cfg)
         elif mode == "summary":
             summary(cfg)
         elif mode == "data":

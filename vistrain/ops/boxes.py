@@ -87,6 +87,18 @@ def decode_dfl(preds: list[torch.Tensor], strides, reg_max: int = 16) -> torch.T
     return torch.cat((xyxy2xywh(xyxy), x[..., 4 * reg_max:].sigmoid()), -1)
 
 
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """``torchvision.ops.nms`` within each group -> kept indices, best first.  As ``torchvision.ops.batched_nms``'s
+    coordinate trick (each group's boxes shifted apart, one NMS call), but shifted by the boxes' span from their
+    minimum, so that boxes reaching past the image (negative coordinates) cannot meet another group's: torchvision
+    shifts by ``max + 1``, which assumes coordinates >= 0.  Traces into ONNX (one NonMaxSuppression)."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    lo = boxes.min()
+    shift = groups.to(boxes.dtype) * (boxes.max() - lo + 1)
+    return torchvision.ops.nms(boxes - lo + shift[:, None], scores, iou)
+
+
 def non_max_suppression(decoded: torch.Tensor, conf: float = 0.25, iou: float = 0.45, classes: list[int] | None = None,
                         agnostic: bool = False, max_det: int = 300, max_nms: int = 30000, objectness: bool = True,
                         nc: int | None = None) -> list[torch.Tensor]:
@@ -115,6 +127,7 @@ def non_max_suppression(decoded: torch.Tensor, conf: float = 0.25, iou: float = 
         if score.numel() > max_nms:
             top = score.topk(max_nms).indices
             x, boxes, score, cls = x[top], boxes[top], score[top], cls[top]
-        idx = torchvision.ops.batched_nms(boxes, score, torch.zeros_like(cls) if agnostic else cls, iou)[:max_det]
+        idx = batched_nms(boxes, score, torch.zeros_like(cls) if agnostic else cls, iou)[:max_det]
         results.append(torch.cat((boxes[idx], score[idx, None], cls[idx, None].float(), x[idx, c0 + nc:]), 1))
     return results
+
