@@ -83,3 +83,12 @@ def test_predict_sources_folder_glob_and_missing(tmp_path):
         resolve_sources(str(tmp_path / "nope.jpg"))
     with pytest.raises(UserError, match="no images or videos found"):
         resolve_sources(str(tmp_path / "imgs" / "*.gif"))
+
+
+def test_nms_keys_are_config_keys():
+    """The detection NMS keys predict and val read (a default.yaml edit once dropped them without a failing test)."""
+    from vistrain.config import get_config
+
+    cfg = get_config({"classes": "0,2", "soft_nms": True, "agnostic_nms": True, "max_det": 10, "conf": 0.5,
+                      "iou": 0.6})
+    assert (cfg["classes"], cfg["soft_nms"], cfg["agnostic_nms"], cfg["max_det"]) == ("0,2", True, True, 10)
