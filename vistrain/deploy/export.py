@@ -50,10 +50,6 @@ def head_kind(task) -> str:
     return "classify" if task.name == "classify" else task.head_kind
 
 
-def model_nc(model: nn.Module) -> int:
-    return int(model.yaml.get("nc") or 0)
-
-
 def model_stride(model: nn.Module, kind: str) -> int:
     """The factor input sizes must be a multiple of: the largest detection stride (EfficientDet: ``2 ** max
     level``, 128 for D0-D7), 32 for classifiers."""
