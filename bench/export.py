@@ -641,7 +641,7 @@ def parse_args(argv=None):
         p.error(f"--models takes {', '.join(FAMILIES)}")
     if args.quick:
         args.imgsz, args.effdet_imgsz, args.rounds, args.warmup_rounds = 320, 256, 3, 1
-        args.api_calls, args.max_wait = 1, 0.0
+        args.api_calls, args.max_wait = min(args.api_calls, 1), 0.0
     if args.out is None:
         args.out = QUICK_RESULTS if args.quick else RESULTS
     return args

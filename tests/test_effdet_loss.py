@@ -364,3 +364,25 @@ def test_soft_nms():
     for h, s in zip(hard, soft):
         assert 0 < len(s) <= 100 and torch.equal(s[0], h[0])
         assert (s[:-1, 4] >= s[1:, 4]).all()
+
+
+@pytest.mark.parametrize("conf,topk", [(0.3, 5000), (0.3, 50)])
+def test_select_with_conf_filters_before_topk_with_the_same_result(conf, topk):
+    """With conf > 0 the scores below it are dropped before the top-k (cheaper than a top-k over every (anchor,
+    class) score): the detections equal those of top-k first, then conf, then NMS."""
+    import torchvision
+
+    from vistrain.ops.retina import select_detections
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(2, 3000, 2, generator=g) * 200
+    decoded = torch.cat((xy, xy + 5 + torch.rand(2, 3000, 2, generator=g) * 60, torch.rand(2, 3000, 4, generator=g)), -1)
+    got = select_detections(decoded, conf=conf, iou=0.5, max_det=100, topk=topk)
+    for i in range(2):
+        scores, idx = decoded[i, :, 4:].reshape(-1).topk(topk)
+        ok = scores >= conf
+        scores, idx = scores[ok], idx[ok]
+        boxes, cls = decoded[i, idx // 4, :4], idx % 4
+        j = torchvision.ops.batched_nms(boxes, scores, cls, 0.5)[:100]
+        want = torch.cat((boxes[j], scores[j, None], cls[j, None].float()), 1)
+        assert torch.equal(got[i], want)

@@ -212,17 +212,22 @@ def select_detections(decoded: torch.Tensor, conf: float = 0.001, iou: float = 0
     minus 1, its zero padding rows dropped)."""
     b, n, c = decoded.shape
     nc = c - 4
-    k = min(topk, n * nc)
-    scores, flat_idx = decoded[..., 4:].reshape(b, -1).topk(k, dim=1)
-    a_idx, c_idx = flat_idx // nc, flat_idx % nc
-    boxes = decoded[..., :4].gather(1, a_idx[..., None].expand(-1, -1, 4))  # [B, k, 4]
-    if image_size is not None:
-        lim = torch.tensor([image_size[1], image_size[0]] * 2, dtype=boxes.dtype, device=boxes.device)
-        boxes = boxes.clamp(min=0).minimum(lim)
+    flat = decoded[..., 4:].reshape(b, -1)
     keep_cls = None if classes is None else torch.as_tensor(list(classes), device=decoded.device)
     out = []
     for i in range(b):
-        bx, sc, cl = boxes[i], scores[i], c_idx[i]
+        if conf > 0:  # the scores >= conf first, then their top k: the same set, without a top-k over all N x nc
+            flat_idx = (flat[i] >= conf).nonzero().squeeze(1)
+            if len(flat_idx) > topk:
+                flat_idx = flat_idx[flat[i, flat_idx].topk(topk).indices]
+            sc = flat[i, flat_idx]
+        else:
+            sc, flat_idx = flat[i].topk(min(topk, n * nc))
+        a_idx, cl = flat_idx // nc, flat_idx % nc
+        bx = decoded[i, a_idx, :4]
+        if image_size is not None:
+            lim = torch.tensor([image_size[1], image_size[0]] * 2, dtype=bx.dtype, device=bx.device)
+            bx = bx.clamp(min=0).minimum(lim)
         keep = sc >= conf
         if keep_cls is not None:
             keep &= torch.isin(cl, keep_cls)
