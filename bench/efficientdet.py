@@ -284,7 +284,7 @@ def bench_latency(args) -> dict:
         return fn
 
     def run_effdet():
-        x, (ratio, pad, shape) = v_task.predict_preprocess(image, cfg["imgsz"])  # the same letterbox
+        x, (ratio, pad, shape, _) = v_task.predict_preprocess(image, cfg["imgsz"])  # the same letterbox
         inp = (torch.stack([x]) - mean) / std
         with torch.no_grad():
             det = e_bench(inp)[0]

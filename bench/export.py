@@ -240,11 +240,11 @@ def vistrain_exports(ckpt: Path, imgsz: int, threads: int, slim: bool) -> dict:
     import vistrain
 
     out = {}
-    jobs = [("onnx", ckpt, {}), ("openvino", ckpt, {})]
+    jobs = [("onnx", ckpt, {"dynamic": True}), ("openvino", ckpt, {"dynamic": True})]  # any size: rect letterbox
     if slim:
         slim_ckpt = ckpt.with_name(ckpt.stem + "-slim.pt")
         shutil.copy(ckpt, slim_ckpt)
-        jobs.append(("onnx-slim", slim_ckpt, {"simplify": True}))
+        jobs.append(("onnx-slim", slim_ckpt, {"simplify": True, "dynamic": True}))
     for key, src, extra in jobs:
         t0 = time.perf_counter()
         with quiet(False):
@@ -287,10 +287,11 @@ class VistrainSide:
                 model = inference_model(model, task, cfg, torch.device("cpu"))
         self.names = list(ckpt.get("names") or [str(i) for i in range(NC)])
         self.task, self.cfg, self.path, self.model = task, cfg, path, Stamped(model)
+        self.stride = task.predict_stride(model)  # as predict(): a rectangle for PyTorch and dynamic exports
 
     def __call__(self, image):
         t0 = time.perf_counter()
-        x, meta = self.task.predict_preprocess(image, self.cfg["imgsz"])
+        x, meta = self.task.predict_preprocess(image, self.cfg["imgsz"], self.stride)
         with torch.no_grad():
             out = self.task.predict_postprocess(self.model(torch.stack([x])), self.cfg, [meta])
         r = self.task.make_result(str(self.path), self.names, image, out[0])
@@ -389,7 +390,7 @@ class EffdetSide:
         from vistrain.data.augment import scale_boxes_back
 
         t0 = time.perf_counter()
-        x, (ratio, pad, shape) = self.task.predict_preprocess(image, self.imgsz)
+        x, (ratio, pad, shape, _) = self.task.predict_preprocess(image, self.imgsz)
         inp = (torch.stack([x]) - self.mean) / self.std
         t1 = time.perf_counter()
         with torch.no_grad():

@@ -136,6 +136,27 @@ def test_fixed_size_export_runs_larger_batches_in_chunks(tmp_path):
     assert_same_outputs(runner, reference(ckpt), "yolov5n", dynamic_hw=False)  # batches 1 and 3: padded chunks
 
 
+def test_predict_letterboxes_to_a_rectangle_where_the_model_takes_any_size(tmp_path):
+    """A 96 x 64 image: PyTorch and a dynamic export get a 64 x 96 input (the next stride multiple), a fixed-size
+    export and EfficientDet the square; the boxes come back in the original pixels either way."""
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 255, (64, 96, 3), dtype=torch.uint8).numpy())
+    ckpt = fresh_checkpoint("yolov8n", tmp_path)
+    model = reference(ckpt)
+    task = model.task
+    static = load_exported(vistrain.export(model=str(ckpt), format="onnx", verbose=False))
+    assert task.predict_stride(model) == 32 and task.predict_stride(static) is None
+    dyn = load_exported(vistrain.export(model=str(ckpt), format="onnx", dynamic=True, verbose=False))
+    assert task.predict_stride(dyn) == 32
+    x, (ratio, pad, shape, input_hw) = task.predict_preprocess(image, 96, 32)
+    assert x.shape == (3, 64, 96) and input_hw == (64, 96) and pad == (0, 0) and shape == (64, 96)
+    x, (ratio, pad, shape, input_hw) = task.predict_preprocess(image, 96)
+    assert x.shape == (3, 96, 96) and pad == (0, 16)
+    effdet = reference(fresh_checkpoint("efficientdet-d0", tmp_path))
+    assert effdet.task.predict_stride(effdet) is None
+
+
 @pytest.mark.parametrize("args,words", [
     (["model=yolov8n.yaml"], "needs a trained vistrain checkpoint"),
     (["format=tflite"], "format=tflite: not one of onnx, torchscript, openvino"),

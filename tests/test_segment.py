@@ -163,3 +163,62 @@ def test_masks_left_out_of_validation_have_no_overlap_with_any_ground_truth():
         left_out += int((~touch).sum())
         kept_overlapping += int((iou[touch].max(1) > 0).sum())
     assert left_out > 100 and kept_overlapping > 100
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> dict:
+    """yolov8n-seg fitted to 8 images (validated on the same 8): 30 epochs of batch 2, no augmentation, no EMA,
+    AdamW lr 0.002: confident detections and masks (the 2-epoch ``trained`` has nearly none)."""
+    import yaml
+
+    root = make_dataset(tmp_path_factory.mktemp("fit"), n=10, imgsz=96, seed=0, workers=1)
+    data = root / "segment" / "fit.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root / "segment"), "train": "images/train", "val": "images/train",
+                                    "names": yaml.safe_load((root / "segment" / "data.yaml").read_text())["names"]}))
+    res = vistrain.train(model="yolov8n-seg", data=str(data), imgsz=96, epochs=30, batch=2, nbs=2, workers=0,
+                         augment=False, mosaic=0.0, optimizer="AdamW", lr0=0.002, warmup_epochs=2, ema=False,
+                         patience=0, plots=False, project=str(tmp_path_factory.mktemp("runs")), name="fit", seed=0,
+                         verbose=False)
+    return {**res, "root": root}
+
+
+def test_exported_segmenter_validates_and_predicts_like_the_checkpoint(fitted, tmp_path):
+    """The trained yolov8n-seg exported with dynamic=True to ONNX, TorchScript (and OpenVINO where installed):
+    val gives the checkpoint's box and mask mAP50-95 (within 0.001); predict gives its boxes (within 1e-3 px),
+    classes and masks (IoU >= 0.999), on square images and on 96 x 64 crops, which the checkpoint and the
+    dynamic exports both letterbox to 96 x 64 rather than 96 x 96."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is a dev extra")
+    from PIL import Image
+
+    best = Path(fitted["save_dir"]) / "weights" / "best.pt"
+    formats = ["onnx", "torchscript"]
+    try:
+        import openvino  # noqa: F401
+        formats.append("openvino")
+    except ImportError:
+        pass
+    images = [str(p) for p in sorted((fitted["root"] / "segment" / "images" / "train").iterdir())[:4]]
+    for i, p in enumerate(images[:2]):  # wide crops: a rectangular letterbox
+        Image.open(p).crop((0, 16, 96, 80)).save(tmp_path / f"wide{i}.png")
+        images.append(str(tmp_path / f"wide{i}.png"))
+    kw = {"project": str(tmp_path), "verbose": False, "conf": 0.01, "max_det": 30}
+    metrics = ("metrics/mAP50-95(B)", "metrics/mAP50-95(M)")
+    want_val = vistrain.val(model=str(best), workers=0, plots=False, name="v", **kw)
+    want = vistrain.predict(str(best), images, name="p", **kw)
+    print({k: want_val[k] for k in metrics}, [len(r.boxes) for r in want], [int(r.masks.sum()) for r in want])
+    assert want_val[metrics[1]] > 0 and sum(len(r.boxes) for r in want) >= 3
+    assert any(r.masks.any() for r in want) and all(r.orig_shape == (64, 96) for r in want[-2:])
+    for fmt in formats:
+        path = vistrain.export(model=str(best), format=fmt, dynamic=True, verbose=False)
+        got_val = vistrain.val(model=str(path), workers=0, plots=False, name=f"v{fmt}", **kw)
+        for k in metrics:
+            assert abs(got_val[k] - want_val[k]) <= 1e-3, (fmt, k, got_val[k], want_val[k])
+        for g, r in zip(vistrain.predict(str(path), images, name=f"p{fmt}", **kw), want):
+            assert len(g.boxes) == len(r.boxes), fmt
+            if not len(r.boxes):
+                continue
+            assert float((g.boxes[:, :4] - r.boxes[:, :4]).abs().max()) <= 1e-3, fmt
+            assert torch.equal(g.boxes[:, 5], r.boxes[:, 5]), fmt
+            inter = (g.masks & r.masks).flatten(1).sum(1)
+            union = (g.masks | r.masks).flatten(1).sum(1)
+            assert bool((union == 0).logical_or(inter >= 0.999 * union).all()), fmt

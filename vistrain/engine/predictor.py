@@ -171,12 +171,15 @@ def predict(cfg: dict) -> list[Result]:
     device, save_dir = prepare_run(cfg, task, default_name="predict")
     if not getattr(model, "exported", False):  # an exported file's outputs are decoded already
         model = inference_model(model, task, cfg, device)
+    stride = task.predict_stride(model)
     results: list[Result] = []
     skipped: list[str] = []
     videos = _VideoWriters(save_dir)
     try:
         for frames in _batches(iter_frames(paths, skipped), max(1, int(cfg["batch"]))):
-            inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"]) for f in frames))
+            inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"], stride) for f in frames))
+            if len({x.shape for x in inputs}) > 1:  # rectangles of different shapes: square, so they stack
+                inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"]) for f in frames))
             with torch.no_grad():
                 outputs = task.predict_postprocess(model(torch.stack(inputs).to(device)), cfg, list(metas))
             for f, out in zip(frames, outputs):

@@ -117,7 +117,10 @@ class ClassifyTask:
         plot_confusion_matrix(metrics.matrix, names, save_dir / "confusion_matrix.png")
 
     # --- prediction ---------------------------------------------------------------------
-    def predict_preprocess(self, image, imgsz: int) -> tuple[torch.Tensor, None]:
+    def predict_stride(self, model) -> None:
+        return None  # classifiers resize and centre-crop to a square
+
+    def predict_preprocess(self, image, imgsz: int, stride: int | None = None) -> tuple[torch.Tensor, None]:
         from vistrain.data.classify import eval_transform
 
         return eval_transform(image, imgsz), None

@@ -420,14 +420,26 @@ class DetectTask:
         plot_label_distribution(cls, boxes, names, save_dir / "labels.jpg")
 
     # --- prediction ---------------------------------------------------------------------
-    def predict_preprocess(self, image, imgsz: int) -> tuple[torch.Tensor, tuple]:
-        """Letterbox to a square ``imgsz`` (so a batch stacks); meta = (ratio, pad, original (h, w))."""
+    def predict_preprocess(self, image, imgsz: int, stride: int | None = None) -> tuple[torch.Tensor, tuple]:
+        """Letterbox to fit ``imgsz``: padded to the square ``imgsz`` x ``imgsz``, or with ``stride`` only to the
+        next multiple of it (a 640 x 480 image stays 640 x 480: less to compute; the predictor gives ``stride``
+        when the model accepts any size).  meta = (ratio, pad, original (h, w), input (h, w))."""
         from vistrain.data.augment import letterbox
 
         img = np.asarray(image.convert("RGB"))
-        out, ratio, pad = letterbox(img, imgsz, auto=False, scaleup=True)
+        out, ratio, pad = letterbox(img, imgsz, auto=stride is not None, scaleup=True, stride=stride or 32)
         x = torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))).float().div_(255.0)
-        return x, (ratio, pad, img.shape[:2])
+        return x, (ratio, pad, img.shape[:2], out.shape[:2])
+
+    def predict_stride(self, model) -> int | None:
+        """The stride for ``predict_preprocess``'s smaller rectangular letterbox when ``model`` (a PyTorch model
+        or an exported file made with ``dynamic=True``) runs any multiple of it, else None (square).
+        EfficientDet stays square, as effdet predicts and as it validates."""
+        if self.effdet:
+            return None
+        if getattr(model, "exported", False):
+            return int(model.meta["stride"]) if model.meta.get("dynamic_hw") else None
+        return int(self.head.stride.max()) if self.head is not None else None
 
     def predict_postprocess(self, decoded: torch.Tensor, cfg: dict, metas: list) -> list[torch.Tensor]:
         """``decode``'s output (the PyTorch model's or an exported model's) -> per image ``Tensor[K, 6]`` (x1, y1,
@@ -435,7 +447,7 @@ class DetectTask:
         from vistrain.data.augment import scale_boxes_back
 
         out = []
-        for det, (ratio, pad, shape) in zip(self.select(decoded, self.nms_settings(cfg, "predict")), metas):
+        for det, (ratio, pad, shape, _) in zip(self.select(decoded, self.nms_settings(cfg, "predict")), metas):
             det = det.detach().float().cpu().clone()
             det[:, :4] = torch.as_tensor(scale_boxes_back(det[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
             out.append(det)

@@ -194,9 +194,8 @@ class SegmentTask(DetectTask):
         from vistrain.data.augment import scale_boxes_back
 
         out = []
-        input_hw = (int(cfg["imgsz"]), int(cfg["imgsz"]))  # predict_preprocess letterboxes to this square
         dets = self.select(decoded, self.nms_settings(cfg, "predict"))
-        for i, (det, (ratio, pad, shape)) in enumerate(zip(dets, metas)):
+        for i, (det, (ratio, pad, shape, input_hw)) in enumerate(zip(dets, metas)):
             masks = self.masks_for(det, decoded[1][i], input_hw, (ratio, pad), tuple(shape))
             box = det[:, :6].detach().float().cpu().clone()
             box[:, :4] = torch.as_tensor(scale_boxes_back(box[:, :4].numpy(), ratio, pad, shape), dtype=torch.float32)
