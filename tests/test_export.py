@@ -157,11 +157,50 @@ def test_predict_letterboxes_to_a_rectangle_where_the_model_takes_any_size(tmp_p
     assert effdet.task.predict_stride(effdet) is None
 
 
+@pytest.mark.parametrize("kind", ["yolov8", "yolov5", "effdet"])
+def test_nms_in_the_graph_gives_the_detections_of_vistrains_nms(kind, tmp_path):
+    """NMSModel's batch selection (what export nms=True traces) against task.select, the per-image NMS predict
+    runs, on random decoded outputs (continuous scores: no ties): equal in PyTorch, and from ONNX Runtime at other
+    batch sizes and anchor counts than the export's, class-wise, agnostic and with a class filter."""
+    import onnxruntime as ort
+    from torch import nn
+
+    from vistrain.deploy.nms import NMSModel, unpad
+
+    nc = 5
+    task = get_task("detect")
+    task.set_head_kind(kind, nc)
+    gen = torch.Generator().manual_seed(0)
+
+    def decoded(b: int, n: int) -> torch.Tensor:
+        xy, wh = torch.rand(b, n, 2, generator=gen) * 300, torch.rand(b, n, 2, generator=gen) * 80 + 5
+        box = torch.cat((xy, xy + wh) if kind == "effdet" else (xy, wh), -1)
+        obj = [torch.rand(b, n, 1, generator=gen)] if kind == "yolov5" else []
+        return torch.cat([box] + obj + [torch.rand(b, n, nc, generator=gen) ** 3], -1)
+
+    for i, keys in enumerate([{}, {"agnostic_nms": True}, {"classes": "0,3", "max_det": 20}]):
+        settings = task.nms_settings({"conf": 0.05, "max_det": 50, "_user_keys": ["max_det"], **keys}, "predict")
+        net = NMSModel(nn.Identity(), task, settings).eval()
+        d = decoded(3, 700)
+        assert all(torch.equal(g, w) for g, w in zip(unpad(net(d), settings), task.select(d, settings)))
+        path = tmp_path / f"{kind}{i}.onnx"
+        torch.onnx.export(net, (d,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "b", 1: "n"}, "y": {0: "b"}})
+        session = ort.InferenceSession(str(path))
+        for b, n in ((1, 700), (2, 400), (4, 30)):
+            d = decoded(b, n)
+            want = task.select(d, settings)
+            got = unpad(torch.from_numpy(session.run(None, {"x": d.numpy()})[0]), settings)
+            assert [len(w) for w in want] == [len(g) for g in got] and sum(len(w) for w in want) > 0, (keys, b, n)
+            assert all(not len(w) or float((g - w).abs().max()) <= 1e-4 for g, w in zip(got, want)), (keys, b, n)
+
+
 @pytest.mark.parametrize("args,words", [
     (["model=yolov8n.yaml"], "needs a trained vistrain checkpoint"),
     (["format=tflite"], "format=tflite: not one of onnx, torchscript, openvino"),
     (["imgsz=100"], "imgsz=100: not a multiple of the model's stride 32; use imgsz=128"),
     (["opset=11"], "opset=11: use 17 or newer"),
+    (["nms=True", "soft_nms=True"], "soft-NMS is not exported into the graph"),
 ])
 def test_bad_export_input_is_one_line(args, words, tmp_path, capsys):
     ckpt = fresh_checkpoint("yolov5n", tmp_path)
@@ -169,6 +208,11 @@ def test_bad_export_input_is_one_line(args, words, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_classifier_nms_export_is_one_line(tmp_path, capsys):
+    assert main(["export", f"model={fresh_checkpoint('yolov5n-cls', tmp_path)}", "nms=True"]) == 2
+    assert "a classifier has no NMS" in capsys.readouterr().err
 
 
 def test_exported_file_without_metadata_is_refused(tmp_path, capsys):

@@ -183,10 +183,10 @@ def fitted(tmp_path_factory) -> dict:
 
 
 def test_exported_segmenter_validates_and_predicts_like_the_checkpoint(fitted, tmp_path):
-    """The trained yolov8n-seg exported with dynamic=True to ONNX, TorchScript (and OpenVINO where installed):
-    val gives the checkpoint's box and mask mAP50-95 (within 0.001); predict gives its boxes (within 1e-3 px),
-    classes and masks (IoU >= 0.999), on square images and on 96 x 64 crops, which the checkpoint and the
-    dynamic exports both letterbox to 96 x 64 rather than 96 x 96."""
+    """The fitted yolov8n-seg exported with dynamic=True to ONNX, TorchScript (and OpenVINO where installed), each
+    without and with nms=True: val gives the checkpoint's box and mask mAP50-95 (within 0.001); predict (3 images
+    a batch) gives its boxes (within 1e-3 px), classes and masks (IoU >= 0.999), on square images and on 96 x 64
+    crops, which the checkpoint and the dynamic exports both letterbox to 96 x 64 rather than 96 x 96."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is a dev extra")
     from PIL import Image
 
@@ -201,24 +201,25 @@ def test_exported_segmenter_validates_and_predicts_like_the_checkpoint(fitted, t
     for i, p in enumerate(images[:2]):  # wide crops: a rectangular letterbox
         Image.open(p).crop((0, 16, 96, 80)).save(tmp_path / f"wide{i}.png")
         images.append(str(tmp_path / f"wide{i}.png"))
-    kw = {"project": str(tmp_path), "verbose": False, "conf": 0.01, "max_det": 30}
+    kw = {"project": str(tmp_path), "verbose": False, "conf": 0.01, "max_det": 30}  # nms=True files keep these
     metrics = ("metrics/mAP50-95(B)", "metrics/mAP50-95(M)")
     want_val = vistrain.val(model=str(best), workers=0, plots=False, name="v", **kw)
     want = vistrain.predict(str(best), images, name="p", **kw)
-    print({k: want_val[k] for k in metrics}, [len(r.boxes) for r in want], [int(r.masks.sum()) for r in want])
     assert want_val[metrics[1]] > 0 and sum(len(r.boxes) for r in want) >= 3
     assert any(r.masks.any() for r in want) and all(r.orig_shape == (64, 96) for r in want[-2:])
     for fmt in formats:
-        path = vistrain.export(model=str(best), format=fmt, dynamic=True, verbose=False)
-        got_val = vistrain.val(model=str(path), workers=0, plots=False, name=f"v{fmt}", **kw)
-        for k in metrics:
-            assert abs(got_val[k] - want_val[k]) <= 1e-3, (fmt, k, got_val[k], want_val[k])
-        for g, r in zip(vistrain.predict(str(path), images, name=f"p{fmt}", **kw), want):
-            assert len(g.boxes) == len(r.boxes), fmt
-            if not len(r.boxes):
-                continue
-            assert float((g.boxes[:, :4] - r.boxes[:, :4]).abs().max()) <= 1e-3, fmt
-            assert torch.equal(g.boxes[:, 5], r.boxes[:, 5]), fmt
-            inter = (g.masks & r.masks).flatten(1).sum(1)
-            union = (g.masks | r.masks).flatten(1).sum(1)
-            assert bool((union == 0).logical_or(inter >= 0.999 * union).all()), fmt
+        for nms in (False, True):
+            path = vistrain.export(model=str(best), format=fmt, dynamic=True, nms=nms, **kw)
+            got_val = vistrain.val(model=str(path), workers=0, plots=False, name=f"v{fmt}{nms}", **kw)
+            for k in metrics:
+                assert abs(got_val[k] - want_val[k]) <= 1e-3, (fmt, nms, k, got_val[k], want_val[k])
+            got = vistrain.predict(str(path), images, name=f"p{fmt}{nms}", batch=3, **kw)
+            for g, r in zip(got, want):
+                assert len(g.boxes) == len(r.boxes), (fmt, nms)
+                if not len(r.boxes):
+                    continue
+                assert float((g.boxes[:, :4] - r.boxes[:, :4]).abs().max()) <= 1e-3, (fmt, nms)
+                assert torch.equal(g.boxes[:, 5], r.boxes[:, 5]), (fmt, nms)
+                inter = (g.masks & r.masks).flatten(1).sum(1)
+                union = (g.masks | r.masks).flatten(1).sum(1)
+                assert bool((union == 0).logical_or(inter >= 0.999 * union).all()), (fmt, nms)

@@ -9,9 +9,10 @@ module ``predict`` runs in PyTorch, so an exported file and the checkpoint give 
 - segment: YOLOv8's detect columns followed by 32 mask coefficients, and the prototypes ``[B, 32, H/4, W/4]``.
 
 NMS, scaling back to the original image and masks stay in vistrain's task code, which serves the checkpoint
-and the exported files alike (``vistrain.deploy.runtime`` runs them).  Every file carries its metadata (task,
-class names, input size, stride, head kind, model YAML, vistrain version): ONNX ``metadata_props``,
-TorchScript extra file ``metadata.json``, OpenVINO ``rt_info``.
+and the exported files alike (``vistrain.deploy.runtime`` runs them).  With ``nms=True`` (detect and segment) the
+final detections come out of the graph instead: ``output0`` is ``[B, max_det, 6 (+32)]`` (``vistrain.deploy.nms``).
+Every file carries its metadata (task, class names, input size, stride, head kind, NMS settings, model YAML,
+vistrain version): ONNX ``metadata_props``, TorchScript extra file ``metadata.json``, OpenVINO ``rt_info``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def export(cfg: dict) -> Path:
         raise UserError(f"imgsz={imgsz}: not a multiple of the model's stride {stride}; use imgsz={up}")
     fuse_conv_bn(model)
     net = InferenceModel(model, task).eval()
+    nms = nms_settings_for_export(cfg, task) if cfg.get("nms") else None
+    if nms is not None:
+        from vistrain.deploy.nms import NMSModel
+
+        net = NMSModel(net, task, nms).eval()
     batch = int(cfg.get("batch") or 1) if "batch" in user_keys(cfg) else 1
     dynamic = bool(cfg.get("dynamic"))
     dynamic_hw = dynamic and kind != "effdet" and fixed is None
@@ -116,7 +122,7 @@ def export(cfg: dict) -> Path:
     names = list(ckpt.get("names") or [])
     meta = {"vistrain_version": _version(), "task": task.name, "head": kind, "names": names, "nc": len(names),
             "imgsz": [imgsz, imgsz], "stride": stride, "batch": batch, "dynamic": dynamic,
-            "dynamic_hw": dynamic_hw, "half": half, "format": fmt,
+            "dynamic_hw": dynamic_hw, "half": half, "format": fmt, "nms": nms,
             "outputs": output_names(task.name), "model_yaml": ckpt["model_yaml"],
             "train_args": {"data": (ckpt.get("train_args") or {}).get("data")},
             "source": str(Path(ref).resolve())}
@@ -124,7 +130,7 @@ def export(cfg: dict) -> Path:
     out = out.parent / (out.name + SUFFIX[fmt])
     t0 = time.time()
     LOGGER.info(f"export: {ref} -> {fmt} (imgsz {imgsz}, batch {batch}{', dynamic' if dynamic else ''}"
-                f"{', half' if half else ''})")
+                f"{', half' if half else ''}{', NMS ' + str(nms) if nms else ''})")
     with torch.no_grad():
         ref_out = flat_outputs(net(x))
         if fmt == "torchscript":
@@ -142,6 +148,18 @@ def export(cfg: dict) -> Path:
     return out
 
 
+def nms_settings_for_export(cfg: dict, task) -> dict:
+    """``nms=True``: the predict-mode NMS settings (conf 0.25 unless given), fixed into the graph."""
+    if task.name == "classify":
+        raise UserError("nms=True: a classifier has no NMS; export it without nms")
+    if cfg.get("soft_nms"):
+        raise UserError("nms=True with soft_nms=True: soft-NMS is not exported into the graph; export without nms "
+                        "(vistrain's predict then applies soft-NMS) or without soft_nms")
+    s = task.nms_settings(cfg, "predict")
+    return {"conf": s["conf"], "iou": s["iou"], "max_det": s["max_det"], "classes": s["classes"],
+            "agnostic": s["agnostic"]}
+
+
 def _version() -> str:
     import vistrain
 
@@ -154,7 +172,7 @@ def dynamic_axes(meta: dict, dynamic: bool, dynamic_hw: bool) -> dict | None:
     axes = {"images": {0: "batch", **({2: "height", 3: "width"} if dynamic_hw else {})}}
     for name in meta["outputs"]:
         axes[name] = {0: "batch", **({1: "anchors"} if meta["task"] != "classify" and name == "output0"
-                                     and dynamic_hw else {})}
+                                     and dynamic_hw and not meta["nms"] else {})}
         if name == "output1" and dynamic_hw:
             axes[name].update({2: "mask_height", 3: "mask_width"})
     return axes

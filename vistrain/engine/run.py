@@ -99,6 +99,11 @@ def resolve_exported(cfg: dict):
     if hasattr(task, "set_head_kind"):
         task.set_head_kind(meta["head"], meta["nc"])
         task.cfg = cfg  # what setup_model would record: the NMS keys (soft_nms)
+        task.graph_nms = meta.get("nms")
+        if task.graph_nms:
+            LOGGER.info(f"{cfg['model']}: NMS in the file, exported with " + ", ".join(
+                f"{k}={v}" for k, v in task.graph_nms.items()) + "; the run's conf, classes and max_det can only keep "
+                "fewer")
     size = int(meta["imgsz"][0])
     if not meta.get("dynamic_hw") and "imgsz" in user_keys(cfg) and int(cfg["imgsz"]) != size:
         raise UserError(f"imgsz={cfg['imgsz']}: {cfg['model']} was exported for {size} x {size} inputs; use "

@@ -96,6 +96,7 @@ class DetectTask:
     def __init__(self):
         self.cfg: dict = {}
         self.head = None
+        self.graph_nms: dict | None = None  # the NMS settings of an exported nms=True file being run
         self.loss_fn = None
         self.anchor_report: dict | None = None
         self._anchor_cache: dict = {}  # EfficientDet: input (h, w) -> anchors
@@ -343,6 +344,10 @@ class DetectTask:
         (x1, y1, x2, y2, score, class, E extra columns: mask coefficients) in input pixels, best first."""
         from vistrain.ops.boxes import non_max_suppression
 
+        if self.graph_nms:  # an exported file made with nms=True: its rows are the detections
+            from vistrain.deploy.nms import unpad
+
+            return unpad(decoded, settings)
         kw = {k: settings[k] for k in ("conf", "iou", "classes", "agnostic", "max_det")}
         if self.effdet:
             from vistrain.ops.retina import select_detections
