@@ -32,12 +32,12 @@ def padded_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
     groups = image if agnostic else image * (classes.amax() + 1) + classes
     flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
     cand = (flat_scores >= 0).nonzero().squeeze(1)
-    b, s, g = flat_boxes.index_select(0, cand), flat_scores.index_select(0, cand), groups.reshape(-1).index_select(0, cand)
-    # the candidates' span from their minimum, as ops.boxes.batched_nms (so one image's groups are shifted alike);
-    # the sentinels keep min / max defined when there is no candidate (NMS then has nothing to do)
-    coords = torch.cat((b.reshape(-1), torch.full_like(flat_scores[:1], 3e38), torch.full_like(flat_scores[:1], -3e38)))
-    lo = coords[:-1].min()
-    span = torch.cat((coords[:-2], coords[-1:])).max() - lo + 1
+    b, s = flat_boxes.index_select(0, cand), flat_scores.index_select(0, cand)
+    g = groups.reshape(-1).index_select(0, cand)
+    # the groups shifted apart by the candidates' span from their minimum, as ops.boxes.batched_nms (with one image,
+    # the same shifted coordinates); the sentinels keep min / max defined when there is no candidate
+    lo = torch.cat((b.reshape(-1), torch.full_like(flat_scores[:1], 3e38))).min()
+    span = torch.cat((b.reshape(-1), torch.full_like(flat_scores[:1], -3e38))).max() - lo + 1
     keep = cand.index_select(0, torchvision.ops.nms(b - lo + (g.to(b.dtype) * span)[:, None], s, iou))
     kept = torch.zeros_like(flat_scores).scatter(0, keep, torch.ones_like(keep, dtype=flat_scores.dtype))
     ranked = torch.where(kept.reshape(scores.shape) > 0, scores, -torch.ones_like(scores))
