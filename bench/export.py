@@ -19,8 +19,8 @@ so that ``--candidates`` boxes pass conf 0.25 before NMS, as ``bench/detect.py``
 would leave NMS and the masks nothing to do; yolov8n-seg's mask coefficients shifted so that half the mask logits are
 positive, since fresh ones leave the kept boxes' masks empty at 640 px):
 
-* vistrain PyTorch / ONNX / OpenVINO: the checkpoint, ``vistrain.export(format="onnx", dynamic=True)`` (simplified
-  by onnxslim, the default) and ``format="openvino", dynamic=True`` of it.  Timed: the steps of ``vistrain.engine.predictor.predict`` per image, replicated
+* vistrain PyTorch / ONNX / OpenVINO: the checkpoint, ``vistrain.export(format="onnx", dynamic=True)`` and
+  ``format="openvino", dynamic=True`` of it.  Timed: the steps of ``vistrain.engine.predictor.predict`` per image, replicated
   (``resolve_task_and_model``, ``inference_model`` for the checkpoint, as ``predict`` does; then per image
   ``task.predict_preprocess``, ``torch.stack``, the model under ``torch.no_grad``, ``task.predict_postprocess``,
   ``task.make_result`` and ``task.describe``), without the per-call setup, because a ``vistrain.predict()`` call
@@ -34,7 +34,7 @@ positive, since fresh ones leave the kept boxes' masks empty at 640 px):
   ultralytics' ONNX predictor (a fixed-size export) to the square 640x640; ultralytics returns masks at the
   letterboxed size (vistrain at the original size); it drops detections whose mask is empty (so it may count
   fewer).  Information lines: ultralytics' PyTorch predictor with ``retina_masks=True`` (masks at the original
-  size, as vistrain's), vistrain's ONNX exported with ``simplify=False``.
+  size, as vistrain's), vistrain's ONNX exported with ``simplify=True`` (onnxslim).
 * yolov5s peer: ultralytics' YOLOv5 is YOLOv5u (anchor-free head, another model), so the peer is the ``yolov5``
   package (7.0.14, the original anchor-based YOLOv5s, vistrain's weights loaded strictly): its PyTorch predictor
   ``AutoShape`` (what ``torch.hub`` / ``yolov5.load`` give) on its Conv+BN-fused model, conf 0.25, iou 0.45,
@@ -95,7 +95,7 @@ CONF = 0.25
 NC = 80
 FAMILIES = ("yolov8n-seg", "yolov5s", "efficientdet-d0")
 V_PT, V_ONNX, V_OV = "vistrain PyTorch", "vistrain ONNX", "vistrain OpenVINO"
-V_SLIM = "vistrain ONNX simplify=False (info)"
+V_SLIM = "vistrain ONNX simplify=True (info)"
 V_NOSPIN = "vistrain ONNX, ORT spinning off (info)"
 U_PT, U_ONNX = "ultralytics PyTorch", "ultralytics ONNX"
 U_RETINA = "ultralytics PyTorch retina_masks (info)"
@@ -236,8 +236,7 @@ def tune_effdet(model, x: torch.Tensor, target: int, bisect) -> dict:
 
 
 def vistrain_exports(ckpt: Path, imgsz: int, threads: int, slim: bool) -> dict:
-    """ONNX (simplified by onnxslim, export's default) and OpenVINO exports of ``ckpt`` (and with ``slim`` an ONNX
-    export with ``simplify=False``, for information); paths and seconds."""
+    """ONNX and OpenVINO exports of ``ckpt`` (and with ``slim`` an onnxslim-simplified ONNX); paths and seconds."""
     import vistrain
 
     out = {}
@@ -245,7 +244,7 @@ def vistrain_exports(ckpt: Path, imgsz: int, threads: int, slim: bool) -> dict:
     if slim:
         slim_ckpt = ckpt.with_name(ckpt.stem + "-slim.pt")
         shutil.copy(ckpt, slim_ckpt)
-        jobs.append(("onnx-slim", slim_ckpt, {"simplify": False, "dynamic": True}))
+        jobs.append(("onnx-slim", slim_ckpt, {"simplify": True, "dynamic": True}))
     for key, src, extra in jobs:
         t0 = time.perf_counter()
         with quiet(False):

@@ -93,7 +93,7 @@ def test_val_save_json_matches_pycocotools(trained, shapes):
 def test_predict_boxes_in_original_pixels(trained, shapes):
     best = Path(trained["save_dir"]) / "weights" / "best.pt"
     images = sorted((shapes / "detect" / "images" / "val").iterdir())[:3]
-    results = vistrain.predict(best, [str(p) for p in images], conf=0.001, max_det=50, name="pred",
+    results = vistrain.predict(best, [str(p) for p in images], conf=0.001, max_det=50, name="pred", save=True,
                                project=str(Path(trained["save_dir"]).parent))
     assert len(results) == 3
     for r in results:
@@ -144,7 +144,7 @@ def test_predict_video_frames(trained, shapes, tmp_path):
         writer.write(f[:, :, ::-1].copy())
     writer.release()
     best = Path(trained["save_dir"]) / "weights" / "best.pt"
-    results = vistrain.predict(best, str(video), conf=0.001, name="vid", project=str(tmp_path / "runs"))
+    results = vistrain.predict(best, str(video), conf=0.001, name="vid", project=str(tmp_path / "runs"), save=True)
     assert [r.extra["frame"] for r in results] == [0, 1, 2]
     assert all(r.orig_shape == (h, w) and r.boxes.shape[1] == 6 for r in results)
     out = Path(results[0].extra["save_dir"])

@@ -44,7 +44,8 @@ def test_efficientdet_checkpoint_val_and_predict(overfit, tmp_path):
                        plots=False, verbose=False)
     assert res["metrics/mAP50(B)"] >= 0.9  # the checkpoint alone reproduces it (imgsz from the checkpoint)
     images = sorted((overfit["root"] / "detect" / "images" / "train").iterdir())[:2]
-    preds = vistrain.predict(str(best), [str(p) for p in images], project=str(tmp_path), name="p", conf=0.5)
+    preds = vistrain.predict(str(best), [str(p) for p in images], project=str(tmp_path), name="p", conf=0.5,
+                             save=True)
     for r, im in zip(preds, images):
         labels = (overfit["root"] / "detect" / "labels" / "train" / f"{im.stem}.txt").read_text().splitlines()
         assert len(r.boxes) == len(labels)  # every object found once, at conf 0.5

@@ -71,7 +71,7 @@ def test_checkpoint_rebuilds_for_val_predict_and_finetune(colour_folder, tmp_pat
     assert metrics["metrics/accuracy_top1"] == pytest.approx(res["metrics/accuracy_top1"])
     assert json.loads((Path(metrics["save_dir"]) / "metrics.json").read_text())["metrics/accuracy_top1"] >= 0
     images = sorted((colour_folder / "red").glob("*.png"))[:2] + sorted((colour_folder / "blue").glob("*.png"))[:2]
-    preds = vistrain.predict(best, [str(p) for p in images], save_json=True)
+    preds = vistrain.predict(best, [str(p) for p in images], save_json=True, save=True)
     assert [len(p.topk(5)) for p in preds] == [3, 3, 3, 3]  # only 3 classes exist
     assert all(abs(float(p.probs.sum()) - 1) < 1e-5 for p in preds)
     out = Path(preds[0].extra["save_dir"])

@@ -3,7 +3,8 @@
 The Python API takes the same keys as the CLI (``vistrain help`` lists them)::
 
     import vistrain
-    model = vistrain.build_model("resnet50", num_classes=1000)
+    model = vistrain.Model("yolov8n")  # .train(...), .val(), .predict(source), .export(format=...), .info()
+    net = vistrain.build_model("resnet50", num_classes=1000)
     results = vistrain.train(model="yolov5n-cls", epochs=3, imgsz=64)
     metrics = vistrain.val(model="runs/classify/train/weights/best.pt")
     preds = vistrain.predict("runs/classify/train/weights/best.pt", "images/")
@@ -12,9 +13,12 @@ The Python API takes the same keys as the CLI (``vistrain help`` lists them)::
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+from vistrain.model import Model  # noqa: E402  (imports nothing heavy: torch loads on first use)
 
 
 def __getattr__(name: str) -> Any:
@@ -59,11 +63,15 @@ def val(**kwargs: Any) -> dict[str, Any]:
 
 
 def predict(model: str | None = None, source: Any = None, **kwargs: Any):
-    """Predict ``source`` (files, folders, globs) with a checkpoint; returns one Result per image."""
+    """Predict ``source`` with a checkpoint or an exported file; returns one ``Result`` per image (a generator
+    with ``stream=True``).  Sources: paths, folders, globs, videos, numpy arrays (HxWx3 BGR, as OpenCV reads),
+    PIL images, torch tensors (CxHxW or BxCxHxW RGB 0..1), or a list of these.  Nothing is written unless
+    ``save=True``."""
     if model is not None:
         kwargs["model"] = str(model)
     if source is not None:
-        kwargs["source"] = source if isinstance(source, (list, tuple)) else str(source)
+        kwargs["source"] = str(source) if isinstance(source, Path) else source
+    kwargs.setdefault("save", False)
     cfg = _config("predict", kwargs)
     from vistrain.engine.predictor import predict as run_predict
 
@@ -86,4 +94,4 @@ def benchmark(**kwargs: Any) -> list[dict]:
     return run_benchmark(cfg)
 
 
-__all__ = ["build_model", "train", "val", "predict", "export", "benchmark", "__version__"]
+__all__ = ["Model", "build_model", "train", "val", "predict", "export", "benchmark", "__version__"]

@@ -98,8 +98,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r}: expected a number, e.g. {key}={default or 1.0}") from None
     if typ is str:
-        if key == "source" and isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
+        if key == "source" and isinstance(value, (list, tuple)):  # paths, or in-memory images (kept as they are)
+            return [str(v) if isinstance(v, (str, Path)) else v for v in value]
+        if key == "source" and not isinstance(value, (str, Path)):  # a numpy array, PIL image or tensor
+            return value
         if key == "freeze" and isinstance(value, (list, tuple)):  # ultralytics' list form: layer indices
             return "[" + ",".join(str(v) for v in value) + "]"
         return str(value)

@@ -27,7 +27,7 @@ def classify(root: Path, t0: float) -> None:
     metrics = vistrain.val(model=best, name="demo-val")
     val_dir = root / "classify" / "val"
     samples = [next(d.iterdir()) for d in sorted(val_dir.iterdir()) if d.is_dir()][:6]
-    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict")
+    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict", save=True)
     correct = sum(r.top1[0] == p.parent.name for r, p in zip(preds, samples))
     print(f"\n[demo] run folder: {run}")
     print(f"[demo] predictions: {preds[0].extra['save_dir']} ({correct}/{len(samples)} sample images right)")
@@ -41,7 +41,7 @@ def detect(root: Path, t0: float) -> None:
     best = f"{run}/weights/best.pt"
     metrics = vistrain.val(model=best, name="demo-val", save_json=True)
     samples = sorted((root / "detect" / "images" / "val").iterdir())[:8]
-    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict")
+    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict", save=True)
     found = sum(len(r.boxes) for r in preds)
     print(f"\n[demo] run folder: {run}")
     print(f"[demo] annotated images: {preds[0].extra['save_dir']} ({found} objects found in {len(samples)} images)")
@@ -57,7 +57,7 @@ def segment(root: Path, t0: float) -> None:
     best = f"{run}/weights/best.pt"
     metrics = vistrain.val(model=best, name="demo-val", save_json=True)
     samples = sorted((root / "segment" / "images" / "val").iterdir())[:8]
-    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict")
+    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-predict", save=True)
     found = sum(len(r.boxes) for r in preds)
     print(f"\n[demo] run folder: {run}")
     print(f"[demo] images with mask overlays: {preds[0].extra['save_dir']} ({found} objects in {len(samples)} images)")
@@ -77,7 +77,7 @@ def efficientdet(root: Path, t0: float) -> None:
     best = f"{run}/weights/best.pt"
     metrics = vistrain.val(model=best, name="demo-efficientdet-val")
     samples = sorted((root / "voc" / "JPEGImages").iterdir())[-8:]  # the last images are in the val split
-    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-efficientdet-predict")
+    preds = vistrain.predict(best, [str(p) for p in samples], name="demo-efficientdet-predict", save=True)
     found = sum(len(r.boxes) for r in preds)
     print(f"\n[demo] run folder: {run} (results.csv: the frozen column shows the two phases)")
     print(f"[demo] annotated images: {preds[0].extra['save_dir']} ({found} objects found in {len(samples)} images)")

@@ -12,32 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from vistrain.engine.results import Result
 from vistrain.engine.utils import LOGGER, UserError
 from vistrain.nn.model import set_memory_format
-
-
-@dataclass
-class Result:
-    """Prediction for one image. ``probs (Tensor[C])`` for classification; detection adds ``boxes
-    (Tensor[N, 6])`` (x1, y1, x2, y2, score, class in original pixels); segmentation also ``masks`` (bool
-    ``Tensor[N, H, W]`` at the original image size)."""
-
-    path: str
-    names: list[str]
-    orig_shape: tuple[int, int]  # (height, width)
-    probs: torch.Tensor | None = None
-    boxes: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def topk(self, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` most likely classes as (name, probability), most likely first."""
-        conf, idx = self.probs.topk(min(k, len(self.probs)))
-        return [(self.names[int(i)], float(c)) for c, i in zip(conf, idx)]
-
-    @property
-    def top1(self) -> tuple[str, float]:
-        return self.topk(1)[0]
 
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm"})
@@ -47,31 +24,80 @@ def is_video_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
-def resolve_sources(source: str | list | tuple | None) -> list[Path]:
-    """Expand files, folders (their images and videos, sorted) and globs into paths; error if none."""
+def _describe(source) -> str:
+    items = source if isinstance(source, (list, tuple)) else [source]
+    text = ",".join(str(x) if isinstance(x, (str, Path)) else type(x).__name__ for x in items)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def in_memory_image(item, index: int):
+    """A numpy array (``HxW`` or ``HxWx3`` BGR, as OpenCV reads; ``HxWx4`` BGRA), a PIL image or a torch tensor
+    (``CxHxW`` or ``BxCxHxW``, RGB, 0..1) -> list of RGB PIL images; None when ``item`` is none of these."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return [item.convert("RGB")]
+    if isinstance(item, np.ndarray):
+        a = item
+        if a.dtype != np.uint8:
+            a = np.clip(a, 0, 255).astype(np.uint8)
+        if a.ndim == 2:
+            return [Image.fromarray(a).convert("RGB")]
+        if a.ndim == 3 and a.shape[2] in (3, 4):
+            return [Image.fromarray(np.ascontiguousarray(a[:, :, 2::-1]))]
+        raise UserError(f"source={_describe(item)} #{index}: a numpy image must be HxW or HxWx3 (BGR), got shape "
+                        f"{tuple(a.shape)}")
+    if isinstance(item, torch.Tensor):
+        t = item.detach().float().cpu()
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise UserError(f"source=Tensor #{index}: give CxHxW or BxCxHxW RGB in 0..1, got shape {tuple(item.shape)}")
+        u8 = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(x) for x in u8]
+    return None
+
+
+def resolve_sources(source) -> list:
+    """Expand files, folders (their images and videos, sorted) and globs into paths, and in-memory images into
+    ``Frame``s named ``imageN.jpg``; error if none.  A comma-separated string is a list."""
     from vistrain.data.image import is_image_file
 
     def wanted(x) -> bool:
         return is_image_file(x) or is_video_file(x)
 
-    if source is None or source == "":
+    if source is None or (isinstance(source, str) and source == ""):
         raise UserError("source= is empty: give an image, a video, a folder, or a glob, e.g. source='images/*.jpg'")
-    items = source if isinstance(source, (list, tuple)) else [source]
-    paths: list[Path] = []
-    for item in items:
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if len(items) == 1 and isinstance(items[0], str) and "," in items[0] and not Path(items[0]).exists():
+        items = [x.strip() for x in items[0].split(",") if x.strip()]
+    out: list = []
+    n_memory = 0
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, Path)):
+            images = in_memory_image(item, i)
+            if images is None:
+                raise UserError(f"source: item {i} is a {type(item).__name__}; give paths, numpy arrays, PIL images or "
+                                f"torch tensors")
+            for im in images:
+                out.append(Frame(Path(f"image{n_memory}.jpg"), im))
+                n_memory += 1
+            continue
         s = str(item)
         p = Path(s)
+        if s.lower().startswith(("http://", "https://", "rtsp://", "rtmp://")):
+            raise UserError(f"source={s}: vistrain does not download; save the file and give its path")
         if p.is_dir():
-            paths += sorted(x for x in p.iterdir() if x.is_file() and wanted(x))
+            out += sorted(x for x in p.iterdir() if x.is_file() and wanted(x))
         elif p.is_file():
-            paths.append(p)
+            out.append(p)
         elif any(c in s for c in "*?["):
-            paths += sorted(Path(x) for x in glob.glob(s, recursive=True) if wanted(x))
+            out += sorted(Path(x) for x in glob.glob(s, recursive=True) if wanted(x))
         else:
             raise UserError(f"source={s}: no such file or folder")
-    if not paths:
-        raise UserError(f"source={source}: no images or videos found (looked for .jpg, .png, .bmp, .mp4, ...)")
-    return paths
+    if not out:
+        raise UserError(f"source={_describe(source)}: no images or videos found (looked for .jpg, .png, .bmp, .mp4, ...)")
+    return out
 
 
 @dataclass
@@ -93,6 +119,9 @@ def iter_frames(paths: list[Path], skipped: list[str]):
     from vistrain.data.image import BadImageError, load_image
 
     for p in paths:
+        if isinstance(p, Frame):  # an in-memory image
+            yield p
+            continue
         if is_video_file(p):
             yield from _video_frames(p, skipped)
             continue
@@ -159,24 +188,38 @@ class _VideoWriters:
             w.release()
 
 
-def predict(cfg: dict) -> list[Result]:
+def predict(cfg: dict):
+    """Run ``predict``: a list of ``Result``, or with ``stream=True`` a generator giving them one by one (for long
+    videos: nothing is kept).  With ``save`` the run folder gets the drawn images (videos: ``NAME.mp4``) and the
+    task's prediction files; without it nothing is written."""
+    run = _predict(cfg)
+    return run if cfg.get("stream") else list(run)
+
+
+def _predict(cfg: dict):
     from vistrain.engine.run import prepare_run, resolve_task_and_model, user_keys
+    from vistrain.engine.utils import select_device
 
     cfg["_mode"] = "predict"
     task, model, ckpt = resolve_task_and_model(cfg, need_model=True)
-    paths = resolve_sources(cfg.get("source"))
+    sources = resolve_sources(cfg.get("source"))
     if "imgsz" not in user_keys(cfg) and ckpt.get("imgsz"):
         cfg["imgsz"] = ckpt["imgsz"]
     names = list(ckpt.get("names") or [str(i) for i in range(ckpt["model_yaml"].get("nc", 0))])
-    device, save_dir = prepare_run(cfg, task, default_name="predict")
+    save = bool(cfg["save"])
+    if save:
+        device, save_dir = prepare_run(cfg, task, default_name="predict")
+    else:
+        device, save_dir = select_device(cfg.get("device")), None
     if not getattr(model, "exported", False):  # an exported file's outputs are decoded already
         model = inference_model(model, task, cfg, device)
     stride = task.predict_stride(model)
-    results: list[Result] = []
+    kept: list[Result] = []  # for the prediction files (save)
     skipped: list[str] = []
-    videos = _VideoWriters(save_dir)
+    count = 0
+    videos = _VideoWriters(save_dir) if save else None
     try:
-        for frames in _batches(iter_frames(paths, skipped), max(1, int(cfg["batch"]))):
+        for frames in _batches(iter_frames(sources, skipped), max(1, int(cfg["batch"]))):
             inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"], stride) for f in frames))
             if len({x.shape for x in inputs}) > 1:  # rectangles of different shapes: square, so they stack
                 inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"]) for f in frames))
@@ -186,27 +229,30 @@ def predict(cfg: dict) -> list[Result]:
                 r = task.make_result(str(f.path), names, f.image, out)
                 if f.index is not None:
                     r.extra["frame"] = f.index
-                results.append(r)
+                count += 1
                 where = f"{f.path} frame {f.index}" if f.index is not None else str(f.path)
-                LOGGER.info(f"{len(results)}: {where}: {task.describe(r, cfg)}")
-                if cfg["save"]:
-                    drawn = task.draw(r, f.image)
+                LOGGER.info(f"{count}: {where}: {task.describe(r, cfg)}")
+                if save:
+                    r.extra["save_dir"] = str(save_dir)
+                    kept.append(r)
+                    drawn = r.annotated()
                     if f.index is None:
                         drawn.save(save_dir / f"{f.name}.jpg", quality=90)
                     else:
                         videos.write(f, drawn)
+                yield r
     finally:
-        videos.close()
-    if not results:  # every source was unreadable: nothing to show, and exit 0 would hide it
+        if videos is not None:
+            videos.close()
+    if not count:  # every source was unreadable: nothing to show, and exit 0 would hide it
         more = f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""
-        raise UserError(f"source={cfg.get('source')}: nothing could be predicted: {skipped[0] if skipped else '?'}"
-                        f"{more}; give images (.jpg, .png, ...) or videos that PIL / OpenCV can read")
-    task.write_predictions(results, save_dir, cfg)
-    LOGGER.info(f"{len(results)} images predicted" + (f", {len(skipped)} unreadable skipped" if skipped else "")
-                + f". Results saved to {save_dir}")
-    for r in results:
-        r.extra["save_dir"] = str(save_dir)
-    return results
+        raise UserError(f"source={_describe(cfg.get('source'))}: nothing could be predicted: "
+                        f"{skipped[0] if skipped else '?'}{more}; give images (.jpg, .png, ...) or videos that "
+                        f"PIL / OpenCV can read")
+    if save:
+        task.write_predictions(kept, save_dir, cfg)
+    LOGGER.info(f"{count} images predicted" + (f", {len(skipped)} unreadable skipped" if skipped else "")
+                + (f". Results saved to {save_dir}" if save else ""))
 
 
 def inference_model(model, task, cfg: dict, device):

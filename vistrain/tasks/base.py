@@ -59,9 +59,8 @@ class Task(Protocol):
     def predict_stride(self, model: Any) -> int | None: ...  # None: square inputs
     def predict_preprocess(self, image, imgsz: int, stride: int | None = None) -> tuple[torch.Tensor, Any]: ...
     def predict_postprocess(self, preds: Any, cfg: dict, metas: list) -> list[Any]: ...
-    def make_result(self, path: str, names: list[str], image, out: Any) -> Any: ...  # -> predictor.Result
+    def make_result(self, path: str, names: list[str], image, out: Any) -> Any: ...  # -> engine.results.Result
     def describe(self, result: Any, cfg: dict) -> str: ...  # one log line
-    def draw(self, result: Any, image) -> Any: ...  # annotated PIL image
     def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None: ...
 
     # optional hooks: ``apply_defaults(cfg, user_keys)`` (task defaults for keys the user left alone),

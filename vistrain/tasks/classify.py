@@ -130,18 +130,12 @@ class ClassifyTask:
         return list(probs.float().cpu())
 
     def make_result(self, path: str, names: list[str], image, out: torch.Tensor):
-        from vistrain.engine.predictor import Result
+        from vistrain.engine.results import Result
 
-        return Result(path, names, (image.height, image.width), probs=out)
+        return Result(path, names, (image.height, image.width), probs=out, orig_img=image)
 
     def describe(self, result, cfg: dict) -> str:
         return ", ".join(f"{n} {c:.2f}" for n, c in result.topk(cfg["topk"]))
-
-    def draw(self, result, image):
-        from vistrain.utils.plotting import draw_label
-
-        name, conf = result.top1
-        return draw_label(image, f"{name} {conf:.2f}")
 
     def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
         from vistrain.engine.predictor import write_classify_predictions

@@ -459,20 +459,15 @@ class DetectTask:
         return out
 
     def make_result(self, path: str, names: list[str], image, out: torch.Tensor):
-        from vistrain.engine.predictor import Result
+        from vistrain.engine.results import Result
 
-        return Result(path, names, (image.height, image.width), boxes=out)
+        return Result(path, names, (image.height, image.width), boxes=out, orig_img=image)
 
     def describe(self, result, cfg: dict) -> str:
         if not len(result.boxes):
             return "no detections"
-        counts = torch.bincount(result.boxes[:, 5].long(), minlength=len(result.names))
+        counts = torch.bincount(result.boxes.cls.long(), minlength=len(result.names))
         return ", ".join(f"{int(n)} {result.names[i]}" for i, n in enumerate(counts) if n)
-
-    def draw(self, result, image):
-        from vistrain.utils.plotting import draw_boxes
-
-        return draw_boxes(image, result.boxes, result.names)
 
     def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
         """``labels/NAME.txt`` per image (``cls cx cy w h conf``, normalised) and ``predictions.json``."""
@@ -483,7 +478,7 @@ class DetectTask:
             h, w = r.orig_shape
             stem = Path(r.path).stem + (f"_{r.extra['frame']}" if "frame" in r.extra else "")
             rows, dets = [], []
-            for x1, y1, x2, y2, score, c in r.boxes.tolist():
+            for x1, y1, x2, y2, score, c in r.boxes.data.tolist():
                 rows.append(f"{int(c)} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
                             f"{(y2 - y1) / h:.6f} {score:.5f}\n")
                 dets.append({"class": int(c), "name": r.names[int(c)], "confidence": round(score, 5),

@@ -203,15 +203,10 @@ class SegmentTask(DetectTask):
         return out
 
     def make_result(self, path: str, names: list[str], image, out):
-        from vistrain.engine.predictor import Result
+        from vistrain.engine.results import Result
 
         boxes, masks = out
-        return Result(path, names, (image.height, image.width), boxes=boxes, masks=masks)
-
-    def draw(self, result, image):
-        from vistrain.utils.plotting import draw_boxes, draw_masks
-
-        return draw_boxes(draw_masks(image, result.masks, result.boxes[:, 5]), result.boxes, result.names)
+        return Result(path, names, (image.height, image.width), boxes=boxes, masks=masks, orig_img=image)
 
     def write_predictions(self, results: list, save_dir: Path, cfg: dict) -> None:
         """``labels/NAME.txt`` per image (``cls x1 y1 ... xn yn conf``: the mask outline, normalised) and
@@ -225,8 +220,8 @@ class SegmentTask(DetectTask):
             h, w = r.orig_shape
             stem = Path(r.path).stem + (f"_{r.extra['frame']}" if "frame" in r.extra else "")
             rows, dets = [], []
-            rles = to_rles(r.masks) if len(r.masks) else []
-            for (x1, y1, x2, y2, score, c), mask, rle in zip(r.boxes.tolist(), r.masks.numpy(), rles):
+            rles = to_rles(r.masks.data) if len(r.masks) else []
+            for (x1, y1, x2, y2, score, c), mask, rle in zip(r.boxes.data.tolist(), r.masks.data.numpy(), rles):
                 poly = mask_polygon(mask) / np.array([w, h], np.float32)
                 if len(poly) >= 3:
                     rows.append(f"{int(c)} " + " ".join(f"{v:.6f}" for v in poly.ravel()) + f" {score:.5f}\n")
