@@ -19,6 +19,8 @@ MODES = {
     "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0), or write "
             "a Pascal VOC folder's split lists (vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 "
             "seed=0)",
+    "convert": "a peer's weight file (ultralytics, yolov5) to a vistrain checkpoint, read without running its code "
+               "(vistrain convert yolov8n.pt yolov8n-vistrain.pt)",
     "help": "this text; `vistrain MODE help` lists the keys, `vistrain help models` the built-in models",
 }
 MODE_KEYS = {
@@ -28,7 +30,9 @@ MODE_KEYS = {
             "save_json", "verbose", "split", "seed"),
     "predict": ("model", "source", "imgsz", "batch", "device", "project", "name", "exist_ok", "save", "save_json",
                 "topk"),
-    "export": ("model", "format", "imgsz", "batch", "dynamic", "half", "opset", "simplify", "device"),
+    "export": ("model", "format", "imgsz", "batch", "dynamic", "half", "opset", "simplify", "nms", "conf", "iou",
+               "max_det", "device"),
+    "convert": (),
     "benchmark": ("model", "data", "imgsz", "batch", "workers", "device", "project"),
 }
 
@@ -72,6 +76,26 @@ def summary(cfg: dict) -> None:
     except (ModelYAMLError, yaml.YAMLError) as e:  # a bad row, argument or module: one line naming the row
         raise UserError(f"model={cfg['model']}: {str(e).splitlines()[0]}") from None
     print(summarize(model, imgsz=cfg["imgsz"]).table())
+
+
+def convert(args: list[str]) -> int:
+    """``vistrain convert SRC DST``: SRC (an ultralytics or yolov5 ``.pt``, or a vistrain checkpoint) -> DST, a
+    vistrain checkpoint (tensors and plain data only)."""
+    from vistrain.engine.checkpoint import is_vistrain_checkpoint, load_checkpoint, not_vistrain_checkpoint, \
+        save_checkpoint
+    from vistrain.engine.utils import UserError
+
+    if len(args) != 2 or any("=" in a for a in args):
+        raise UserError("convert needs two paths: vistrain convert SRC.pt DST.pt")
+    src, dst = args
+    ckpt = load_checkpoint(src)
+    if not is_vistrain_checkpoint(ckpt):
+        raise UserError(not_vistrain_checkpoint(src, ckpt))
+    keep = ("model", "model_yaml", "task", "names", "imgsz", "converted_from")
+    save_checkpoint({k: ckpt[k] for k in keep if k in ckpt}, dst)
+    print(f"{src} -> {dst}: {ckpt['task']} model {ckpt['model_yaml'].get('name', '?')}, {len(ckpt['names'])} "
+          f"classes, {len(ckpt['model'])} tensors")
+    return 0
 
 
 SPLIT_KEYS = {"trainval": 0.9, "train": 0.9}  # `data split` only: fractions, as the VOC tutorials' voc_annotation.py
@@ -150,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         sub = []
         if mode == "data" and rest and "=" not in rest[0]:
             sub, rest = [rest[0]], rest[1:]
+        if mode == "convert":
+            return convert(rest)
         overrides = parse_cli_args(rest)
         fractions = {}
         if mode == "data":

@@ -139,9 +139,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise UserError(f"{path}: a truncated or damaged checkpoint (it ends too early); the copy or download "
                             f"did not finish - copy it again") from None
         if "weights_only" in str(e) or isinstance(e, pickle.UnpicklingError):
-            raise UserError(f"{path}: refused to load - it holds pickled Python objects, and vistrain never runs "
-                            f"code from a checkpoint. Save a plain state_dict there (torch.save(model.state_dict())) "
-                            f"and pass it as pretrained=") from None
+            # pickled model objects: an ultralytics or yolov5 file is read with its classes as inert placeholders;
+            # a file naming anything else (os.system, ...) is refused (vistrain.engine.foreign)
+            from vistrain.engine.foreign import peer_checkpoint
+
+            return peer_checkpoint(path)
         raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a dict checkpoint or state_dict, found {type(ckpt).__name__}")

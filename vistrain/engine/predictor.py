@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def resolve_sources(source) -> list:
         else:
             raise UserError(f"source={s}: no such file or folder")
     if not out:
-        raise UserError(f"source={_describe(source)}: no images or videos found (looked for .jpg, .png, .bmp, .mp4, ...)")
+        raise UserError(f"source={_describe(source)}: no images or videos found (looked for .jpg, .png, .bmp, .mp4, "
+                        f"...)")
     return out
 
 
