@@ -92,3 +92,30 @@ def test_nms_keys_are_config_keys():
     cfg = get_config({"classes": "0,2", "soft_nms": True, "agnostic_nms": True, "max_det": 10, "conf": 0.5,
                       "iou": 0.6})
     assert (cfg["classes"], cfg["soft_nms"], cfg["agnostic_nms"], cfg["max_det"]) == ("0,2", True, True, 10)
+
+
+def test_ultralytics_habits(capsys, tmp_path):
+    """Task first (`vistrain detect train ...`, checked against the model's task), `version`, `checks`, `train help`
+    without predict / export keys, `help models` as a naturally sorted table, `model=yolov8n.yaml` as the
+    built-in, and `summary` at each model's own size."""
+    import vistrain
+
+    assert main(["version"]) == 0 and capsys.readouterr().out.strip() == vistrain.__version__
+    assert main(["checks"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"vistrain {vistrain.__version__}\nPython ") and "torch 2." in out and "RAM:" in out
+    assert main(["train", "help"]) == 0
+    keys = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines() if "=" in line]
+    assert "epochs" in keys and "mosaic" in keys and not {"source", "format", "opset", "save", "nms"} & set(keys)
+    assert main(["help", "models"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    names = [r[0] for r in rows]
+    assert names.index("resnet18") < names.index("resnet50") < names.index("resnet101")
+    assert dict((r[0], (r[1], r[2])) for r in rows)["yolov8n-seg"] == ("segment", "640")
+    assert main(["summary", "model=yolov8n.yaml"]) == 0  # ultralytics' file name: the built-in yolov8n
+    out = capsys.readouterr().out
+    assert out.startswith("yolov8n.yaml at 640 x 640:") and "GFLOPs: 8.7" in out  # ultralytics: 8.7 GFLOPs
+    assert main(["detect", "summary", "model=efficientdet-d0"]) == 0
+    assert capsys.readouterr().out.startswith("efficientdet-d0 at 512 x 512:")
+    assert main(["classify", "train", "model=yolov8n", "epochs=1", f"project={tmp_path}"]) == 2
+    assert "task" in capsys.readouterr().err

@@ -21,6 +21,8 @@ MODES = {
             "seed=0)",
     "convert": "a peer's weight file (ultralytics, yolov5) to a vistrain checkpoint, read without running its code "
                "(vistrain convert yolov8n.pt yolov8n-vistrain.pt)",
+    "version": "print vistrain's version",
+    "checks": "the environment: vistrain, Python, torch, CUDA and GPUs, CPU, RAM, disk, optional packages",
     "help": "this text; `vistrain MODE help` lists the keys, `vistrain help models` the built-in models",
 }
 MODE_KEYS = {
@@ -33,6 +35,8 @@ MODE_KEYS = {
     "export": ("model", "format", "imgsz", "batch", "dynamic", "half", "opset", "simplify", "nms", "conf", "iou",
                "max_det", "device"),
     "convert": (),
+    "version": (),
+    "checks": (),
     "benchmark": ("model", "data", "imgsz", "batch", "workers", "device", "project"),
 }
 
@@ -41,9 +45,7 @@ def print_help(mode: str | None = None) -> None:
     from vistrain.config import key_help
 
     if mode == "models":
-        from vistrain.nn.model import builtin_models
-
-        print("Built-in models (model=NAME):\n  " + "\n  ".join(builtin_models()))
+        print(models_table())
         return
     if mode is None:
         print("Usage: vistrain MODE key=value ...\n\nModes:")
@@ -53,10 +55,43 @@ def print_help(mode: str | None = None) -> None:
     else:
         print(f"vistrain {mode}: {MODES[mode]}\n\nKeys (key=default  meaning):")
     wanted = MODE_KEYS.get(mode) if mode else None
+    others = ("predict", "export", "data make", "images to predict") if mode == "train" else ()
     for key, default, meaning in key_help():
-        if wanted is None or key in wanted:
+        if (wanted is None or key in wanted) and not meaning.startswith(others or "\0"):
             shown = "" if default is None else default
             print(f"  {key + '=' + str(shown):<28} {meaning}")
+
+
+def models_table() -> str:
+    """``vistrain help models``: every built-in name with its task and default input size, in natural order
+    (resnet18 before resnet101); parameters and GFLOPs come from ``vistrain summary model=NAME``."""
+    import re
+
+    from vistrain.nn.model import builtin_models, load_model_yaml
+    from vistrain.tasks.detect import native_imgsz
+
+    def key(name: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    rows = []
+    for name in builtin_models():
+        d = load_model_yaml(name)
+        head = str((d.get("head") or [[None, None, ""]])[-1][2])
+        task = d.get("task") or ("detect" if d.get("arch") == "efficientdet" or head.startswith("Detect") else
+                                 "segment" if head.startswith("Segment") else "classify")
+        size = native_imgsz(name) or d.get("imgsz") or (224 if task == "classify" else 640)
+        if d.get("arch") == "efficientnet":
+            from vistrain.nn.efficientdet import EFFICIENTNET_IMGSZ
+
+            size = EFFICIENTNET_IMGSZ.get(d.get("scale"), size)
+        rows.append((name, task, size))
+    scale_order = {s: i for i, s in enumerate("nsmlx")}
+    rows.sort(key=lambda r: (key(re.sub(r"^(yolov\d+)([nsmlx])", r"\1", r[0])),
+                             scale_order.get((re.match(r"^yolov\d+([nsmlx])", r[0]) or [None, ""])[1], 0)))
+    lines = ["Built-in models (model=NAME; `vistrain summary model=NAME` gives parameters and GFLOPs):",
+             f"  {'name':<24} {'task':<9} imgsz"]
+    lines += [f"  {n:<24} {t:<9} {sz}" for n, t, sz in rows]
+    return "\n".join(lines)
 
 
 def summary(cfg: dict) -> None:
@@ -69,13 +104,70 @@ def summary(cfg: dict) -> None:
 
     if not cfg.get("model"):
         raise UserError("summary needs model=NAME|YAML|CHECKPOINT, e.g. vistrain summary model=resnet50 nc=1000")
+    imgsz = cfg["imgsz"]
+    if "imgsz" not in cfg.get("_user_keys", ()):  # each model at the size it is used at, as train's defaults
+        from vistrain.tasks.detect import native_imgsz
+
+        imgsz = None
     try:
-        model = build_model(cfg["model"], num_classes=cfg.get("nc"), imgsz=cfg["imgsz"])
+        model = build_model(cfg["model"], num_classes=cfg.get("nc"), imgsz=imgsz)
+        if imgsz is None:
+            ckpt_size = None
+            if str(cfg["model"]).endswith((".pt", ".pth")):
+                from vistrain.engine.checkpoint import load_checkpoint
+
+                ckpt_size = load_checkpoint(cfg["model"]).get("imgsz")
+            imgsz = int(ckpt_size or native_imgsz(cfg["model"]) or model.yaml.get("imgsz") or
+                        (cfg["imgsz"] if model.task == "classify" else 640))
     except FileNotFoundError as e:
         raise UserError(f"model={cfg['model']}: {e}") from None
     except (ModelYAMLError, yaml.YAMLError) as e:  # a bad row, argument or module: one line naming the row
         raise UserError(f"model={cfg['model']}: {str(e).splitlines()[0]}") from None
-    print(summarize(model, imgsz=cfg["imgsz"]).table())
+    print(f"{cfg['model']} at {imgsz} x {imgsz}:")
+    print(summarize(model, imgsz=imgsz).table())
+
+
+TASKS = ("classify", "detect", "segment")
+
+
+def checks() -> str:
+    """The environment printout: versions, devices, memory, disk and which optional packages are there."""
+    import importlib.metadata as md
+    import os
+    import platform
+    import shutil
+
+    import torch
+
+    from vistrain import __version__
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"vistrain {__version__}", f"Python {platform.python_version()} ({platform.platform()})",
+             f"torch {torch.__version__}, torchvision {version('torchvision')}"]
+    if torch.cuda.is_available():
+        gpus = [f"{i}: {torch.cuda.get_device_name(i)} "
+                f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+                for i in range(torch.cuda.device_count())]
+        lines.append(f"CUDA {torch.version.cuda}: " + "; ".join(gpus))
+    else:
+        lines.append("CUDA: no GPU (device=cpu)")
+    cpu = platform.processor() or platform.machine()
+    lines.append(f"CPU: {os.cpu_count()} logical cores ({cpu}), torch threads {torch.get_num_threads()}")
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        lines.append(f"RAM: {pages * size / 2**30:.1f} GiB")
+    except (ValueError, OSError, AttributeError):
+        pass
+    disk = shutil.disk_usage(".")
+    lines.append(f"disk (here): {disk.free / 2**30:.1f} GiB free of {disk.total / 2**30:.1f} GiB")
+    extras = ("onnx", "onnxruntime", "openvino", "onnxslim", "timm", "pycocotools", "opencv-python-headless")
+    lines.append("packages: " + ", ".join(f"{p} {version(p)}" for p in extras))
+    return "\n".join(lines)
 
 
 def convert(args: list[str]) -> int:
@@ -160,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("help", "-h", "--help"):
         print_help(argv[1] if len(argv) > 1 and argv[1] in ("models", *MODES) else None)
         return 0
+    if argv[0] in TASKS and len(argv) > 1 and argv[1] in MODES:  # `vistrain detect train ...`, as `yolo detect`
+        argv = [argv[1], f"task={argv[0]}", *argv[2:]]
     mode, rest = argv[0], argv[1:]
     try:
         if mode not in MODES:
@@ -176,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             sub, rest = [rest[0]], rest[1:]
         if mode == "convert":
             return convert(rest)
+        if mode == "version":
+            from vistrain import __version__
+
+            print(__version__)
+            return 0
+        if mode == "checks":
+            print(checks())
+            return 0
         overrides = parse_cli_args(rest)
         fractions = {}
         if mode == "data":

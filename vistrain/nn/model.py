@@ -156,6 +156,11 @@ def load_model_yaml(name_or_path: str | Path) -> dict:
         if not path.exists():
             builtin = MODELS_DIR / path.name
             if not builtin.exists():
+                if len(path.parts) == 1:  # yolov8n.yaml, as ultralytics names it: the built-in yolov8n
+                    try:
+                        return load_model_yaml(path.stem)
+                    except FileNotFoundError:
+                        pass
                 raise FileNotFoundError(f"{s}: model YAML not found")
             path = builtin
         d = pyyaml.safe_load(path.read_text())
