@@ -153,3 +153,48 @@ def test_malicious_weight_files_are_refused_and_run_nothing(variant, tmp_path, m
     assert not (tmp_path / MARK).exists()
     with pytest.raises(pickle.UnpicklingError):  # and the file really was malicious: plain torch.load refuses too
         torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torchvision_state_dict_is_a_model(name, tmp_path):
+    """A torchvision ResNet's weight file (a bare state_dict) as model=: the depth and the class count are read
+    from the tensors, and the outputs are torchvision's."""
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)(weights=None, num_classes=7).eval()
+    path = tmp_path / f"{name}-custom.pth"
+    torch.save(theirs.state_dict(), path)
+    model = vistrain.Model(path)
+    assert model.task == "classify" and len(model.names) == 7
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.model(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", ["d0", "d7x"])
+def test_effdet_state_dict_and_safetensors_are_models(scale, tmp_path):
+    """An effdet EfficientDet's weight file, as .pth and as .safetensors: the D-level (BiFPN width and cells,
+    levels) and the class count come from the tensors; the outputs equal effdet's."""
+    effdet = pytest.importorskip("effdet")
+    from safetensors.torch import save_file
+
+    cfg = effdet.get_efficientdet_config(f"tf_efficientdet_{scale}")
+    cfg.num_classes, cfg.image_size = 20, (128, 128)
+    torch.manual_seed(0)
+    theirs = effdet.EfficientDet(cfg, pretrained_backbone=False).eval()
+    sd = theirs.state_dict()
+    torch.save(sd, tmp_path / "weights.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "weights.safetensors"))
+    x = torch.rand(1, 3, 128, 128)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = outputs(theirs((x - mean) / std))
+    for file in ("weights.pth", "weights.safetensors"):
+        ckpt = load_checkpoint(tmp_path / file)
+        assert ckpt["model_yaml"]["name"] == f"efficientdet-{scale}" and len(ckpt["names"]) == 20
+        model = vistrain.Model(tmp_path / file).model
+        with torch.no_grad():
+            got = outputs(model(x))
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), file

@@ -33,7 +33,7 @@ class Model:
     # --- what it is --------------------------------------------------------------------------------------
     @property
     def is_checkpoint(self) -> bool:
-        return self.source.endswith((".pt", ".pth"))
+        return self.source.endswith((".pt", ".pth", ".safetensors"))
 
     @property
     def is_exported(self) -> bool:

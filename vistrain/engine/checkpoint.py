@@ -81,6 +81,9 @@ def is_zip(path: Path) -> bool:
         return f.read(4) == ZIP_MAGIC
 
 
+SAFETENSORS = "a safetensors file"
+
+
 def sniff_checkpoint(path: Path) -> str | None:
     """``None`` when the first bytes look like a PyTorch checkpoint (zip or pickle); otherwise what the file
     is instead and the fix, so a wrong file gets one clear line rather than an unpickler's error."""
@@ -103,7 +106,7 @@ def sniff_checkpoint(path: Path) -> str | None:
     if text.startswith((b"{", b"[")):
         return "a JSON file, not a checkpoint; give the .pt file that torch.save wrote"
     if head[8:10] == b'{"':  # 8-byte header length, then a JSON header
-        return "a safetensors file; vistrain reads .pt checkpoints (torch.save of a state_dict works as pretrained=)"
+        return SAFETENSORS  # read by read_safetensors
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head)  # (the 512 bytes may end inside a character)
         is_text = all(c >= 32 or c in b"\t\r\n\f" for c in head)
@@ -124,6 +127,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise UserError(f"{path}: a folder, not a checkpoint file")
     kind = sniff_checkpoint(path)
+    if kind == SAFETENSORS:
+        return read_safetensors(path)
     if kind is not None:
         raise UserError(f"{path}: {kind}")
     try:
@@ -147,7 +152,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a dict checkpoint or state_dict, found {type(ckpt).__name__}")
-    return ckpt
+    return recognised(path, ckpt)
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file (timm's, effdet's, anyone's state_dict): tensors only, nothing to unpickle."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: a damaged safetensors file ({str(e).splitlines()[0][:160]}); copy it again") from None
+    return recognised(path, sd)
+
+
+def recognised(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A bare state_dict that is a torchvision ResNet's or an effdet EfficientDet's becomes a vistrain checkpoint
+    (the keys are the same; the architecture is read from the tensors' names and shapes); anything else as it is."""
+    if is_vistrain_checkpoint(ckpt) or not is_state_dict(ckpt):
+        return ckpt
+    from vistrain.engine.foreign import state_dict_checkpoint
+
+    return state_dict_checkpoint(path, ckpt.get("state_dict", ckpt)) or ckpt
 
 
 def is_vistrain_checkpoint(ckpt: dict) -> bool:

@@ -1,5 +1,6 @@
-"""The peers' pickled weight files, read without running their code: ultralytics ``.pt`` (YOLOv8 / YOLOv5u detect
-and segment) and yolov5-repo ``.pt`` files.
+"""The peers' weight files as vistrain checkpoints: ultralytics ``.pt`` (YOLOv8 / YOLOv5u detect and segment) and
+yolov5-repo ``.pt`` files, read without running their code; and bare state_dicts whose architecture the tensors
+tell (torchvision ResNets, effdet EfficientDets: ``state_dict_checkpoint``).
 
 Such a file pickles whole model objects (``ultralytics.nn.tasks.DetectionModel``, ``models.yolo.Model``, torch's
 ``Conv2d`` ...).  Unpickling it normally imports those classes and may call anything the file names; here:
@@ -193,3 +194,61 @@ def vistrain_yaml(yaml_dict: dict, task: str, path: Path) -> dict:
     except ModelYAMLError as e:
         raise UserError(f"{path}: its model YAML cannot be built by vistrain: {str(e).splitlines()[0]}") from None
     return d
+
+
+RESNETS = {((2, 2, 2, 2), False): "resnet18", ((3, 4, 6, 3), False): "resnet34", ((3, 4, 6, 3), True): "resnet50",
+           ((3, 4, 23, 3), True): "resnet101", ((3, 8, 36, 3), True): "resnet152"}
+
+
+def state_dict_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> dict | None:
+    """A torchvision ResNet's or an effdet EfficientDet's state_dict -> a vistrain checkpoint dict, else None.
+    The model is named from the tensors (ResNet: blocks per stage and bottlenecks; EfficientDet: BiFPN width and
+    depth, the backbone's head width, the anchor levels), built, and must load the state_dict strictly."""
+    from vistrain.nn.model import load_model_yaml, model_from_yaml
+
+    name, nc = None, None
+    if "fc.weight" in sd and "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
+        blocks = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        name, nc = RESNETS.get((blocks, "layer1.0.conv3.weight" in sd)), int(sd["fc.weight"].shape[0])
+    elif "class_net.predict.conv_pw.weight" in sd and any(k.startswith("fpn.cell.") for k in sd):
+        name, nc = effdet_name(path, sd)
+    if name is None:
+        return None
+    d = load_model_yaml(name)
+    model = model_from_yaml(d, num_classes=nc)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{path}: looks like {name}'s weights but does not load into it "
+                        f"({str(e).splitlines()[0][:160]}); give model={name} pretrained={path}") from None
+    return {"model": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+            "model_yaml": model.yaml, "task": model.task, "names": [str(i) for i in range(nc)],
+            "imgsz": int(d.get("imgsz") or EFFDET_SIZES.get(name) or 224),
+            "converted_from": {"file": str(path), "package": "torchvision" if name.startswith("resnet") else "effdet",
+                               "class": name, "version": ""}}
+
+
+EFFDET_SIZES: dict[str, int] = {}
+
+
+def effdet_name(path: Path, sd: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
+    """EfficientDet-Dn from its tensors: BiFPN channels and cells, the backbone's last stage width and the number
+    of levels; D6 and D7 have the same tensors (D7 runs larger inputs with larger anchors): the file name decides,
+    else D6."""
+    from vistrain.nn.efficientdet import EFFICIENTDET
+
+    channels = int(sd["class_net.predict.conv_pw.weight"].shape[1])
+    cells = len({k.split(".")[2] for k in sd if k.startswith("fpn.cell.")})
+    anchors = 9  # 3 scales x 3 aspect ratios, as effdet
+    nc = int(sd["class_net.predict.conv_pw.weight"].shape[0]) // anchors
+    found = [k for k, v in EFFICIENTDET.items() if v[2] == channels and v[3] == cells]
+    levels = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("class_net.bn_rep.") and k.count(".") > 4) \
+        if any(k.startswith("class_net.bn_rep.") for k in sd) else None
+    if len(found) > 1 and levels is not None:
+        found = [k for k in found if EFFICIENTDET[k][6] - 2 == levels] or found
+    if set(found) == {"d6", "d7"}:
+        found = ["d7"] if "d7" in Path(path).name.lower() else ["d6"]
+    if len(found) != 1:
+        return None, None
+    EFFDET_SIZES[f"efficientdet-{found[0]}"] = EFFICIENTDET[found[0]][1]
+    return f"efficientdet-{found[0]}", nc
