@@ -20,7 +20,7 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
                    desc: str = "val", plot_dir: Path | None = None, progress: bool = True) -> tuple[Any, torch.Tensor]:
     """Run ``model`` over ``loader``; return ``(metrics, mean loss items Tensor[len(task.loss_names)])``.
 
-    When ``plot_dir`` is given, the first batch is drawn with its labels and with the predictions.
+    When ``plot_dir`` is given, the first three batches are drawn with their labels and with the predictions.
     """
     was_training = model.training
     model.eval()
@@ -39,9 +39,9 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
         loss_sum += task.loss(preds, batch)[1]
         batches += 1
         task.update_metrics(metrics, preds, batch)
-        if plot_dir is not None and i == 0:
-            task.plot_batch(batch, names, plot_dir / "val_batch0_labels.jpg")
-            task.plot_batch(batch, names, plot_dir / "val_batch0_pred.jpg", preds=preds)
+        if plot_dir is not None and i < 3:
+            task.plot_batch(batch, names, plot_dir / f"val_batch{i}_labels.jpg")
+            task.plot_batch(batch, names, plot_dir / f"val_batch{i}_pred.jpg", preds=preds)
     model.train(was_training)
     return metrics, (loss_sum / max(batches, 1)).cpu()
 

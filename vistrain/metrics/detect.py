@@ -631,15 +631,17 @@ class DetectMetrics:
         save_dir.mkdir(parents=True, exist_ok=True)
         res = self._compute()
         has_gt = self.instances > 0
+        kind = "Mask" if self.iou_type == "segm" else "Box"
         pr = res["precision"][0].T  # [nc, 101] precision at IoU 0.5 against recall
         _plot_curves(RECALL_THRESHOLDS, pr, self.names, has_gt, "Recall", "Precision",
-                     f"all classes {res['map50']:.3f} mAP@0.5", save_dir / "PR_curve.png")
+                     f"all classes {res['map50']:.3f} mAP@0.5", save_dir / "PR_curve.png", kind,
+                     values=res["ap50"])
         for key, label, name in (("f1_curve", "F1", "F1_curve.png"), ("p_curve", "Precision", "P_curve.png"),
                                  ("r_curve", "Recall", "R_curve.png")):
             mean = res[key][has_gt].mean(0) if has_gt.any() else np.zeros_like(CONF_GRID)
             i = int(_smooth(mean).argmax())
             _plot_curves(CONF_GRID, res[key], self.names, has_gt, "Confidence", label,
-                         f"all classes {mean[i]:.2f} at {CONF_GRID[i]:.3f}", save_dir / name)
+                         f"all classes {mean[i]:.2f} at {CONF_GRID[i]:.3f}", save_dir / name, kind)
         plot_confusion_matrix(self.matrix, self.names + ["background"], save_dir / "confusion_matrix.png")
 
     def coco_json(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -651,22 +653,36 @@ class DetectMetrics:
                                              self.pred_rles if segm else None)
 
 
+LEGEND_CLASSES = 20  # curves named in a legend; with more classes, the best by ``values`` (or the first)
+
+
 def _plot_curves(x: np.ndarray, ys: np.ndarray, names: list[str], show: np.ndarray, xlabel: str, ylabel: str,
-                 mean_label: str, path: Path) -> None:
-    """One thin line per class with ground truth (``ys (ndarray[nc, X])``, legend up to 20), the mean thick."""
+                 mean_label: str, path: Path, kind: str = "Box", values: np.ndarray | None = None) -> list[str]:
+    """One thin line per class with ground truth (``ys (ndarray[nc, X])``), the mean thick; titled ``KIND
+    YLABEL-XLABEL curve``.  With ``values`` (per-class AP) each legend entry reads ``name 0.712``; with more than
+    ``LEGEND_CLASSES`` classes only the best ones are named.  Returns the legend entries."""
     from vistrain.utils.plotting import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(1, 1, figsize=(9, 6), tight_layout=True)
-    legend = int(show.sum()) <= 20
-    for i in np.nonzero(show)[0]:
-        ax.plot(x, ys[i], linewidth=1, label=names[i] if legend else None)
+    idx = np.nonzero(show)[0]
+    order = idx[np.argsort(-np.nan_to_num(values[idx], nan=-1.0), kind="stable")] if values is not None else idx
+    named = set(order[:LEGEND_CLASSES].tolist())
+    labels = []
+    for i in order:
+        label = None
+        if i in named:
+            label = names[i] if values is None else f"{names[i]} {values[i]:.3f}"
+            labels.append(label)
+        ax.plot(x, ys[i], linewidth=1, label=label)
     mean = ys[show].mean(0) if show.any() else np.zeros_like(x)
     ax.plot(x, mean, linewidth=3, color="blue", label=mean_label)
-    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title=f"{ylabel}-{xlabel} curve")
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    more = f" (top {LEGEND_CLASSES} of {len(idx)} classes named)" if len(idx) > LEGEND_CLASSES else ""
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1.01), title=f"{kind} {ylabel}-{xlabel} curve{more}")
+    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left", fontsize=8)
     fig.savefig(path, dpi=150)
     plt.close(fig)
+    return labels + [mean_label]
 
 
 def coco_annotations(images: Sequence[dict[str, Any]], gts: Sequence[tuple[Any, Any]],

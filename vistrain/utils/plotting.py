@@ -97,36 +97,61 @@ def read_results_csv(path: str | Path) -> dict[str, list[float]]:
     return cols
 
 
-def plot_results(csv_path: str | Path, path: str | Path | None = None) -> None:
-    """results.csv -> results.png: for each loss train vs. val, then each metric, against epoch."""
+def panel_title(column: str) -> str:
+    """A results.csv column as a panel title: ``box_loss`` -> ``box loss``, ``mAP50-95(M)`` -> ``mask mAP50-95``."""
+    name = column.split("/", 1)[-1]
+    part = {"(B)": "box ", "(M)": "mask "}.get(name[-3:], "")
+    name = name[:-3] if part else name
+    if name.endswith("_loss"):
+        name = name[: -len("_loss")] + " loss"
+    return f"{part}{name.replace('_', ' ')}"
+
+
+def _smoothed(y: list[float], frac: float = 0.1) -> np.ndarray:
+    """A centred moving average over ~10% of the points (at least 3): the trend under a noisy curve."""
+    y = np.asarray(y, dtype=float)
+    k = max(3, int(round(len(y) * frac)) | 1)
+    pad = k // 2
+    padded = np.concatenate((np.full(pad, y[0]), y, np.full(pad, y[-1])))
+    return np.convolve(padded, np.ones(k) / k, mode="valid")
+
+
+RESULTS_COLUMNS = 5  # results.png: panels per row (5 x 480 px = 2400 px wide at most)
+
+
+def plot_results(csv_path: str | Path, path: str | Path | None = None) -> list[str]:
+    """results.csv -> results.png: a grid of panels (at most ``RESULTS_COLUMNS`` a row), each loss train and val
+    in one panel, then each metric; every curve drawn raw and, from 5 epochs on, smoothed (dotted).  Returns the
+    panel titles."""
     plt = _plt()
     cols = read_results_csv(csv_path)
     if not cols.get("epoch"):
-        return
+        return []
     epochs = cols["epoch"]
     metrics = [k for k in cols if k.startswith("metrics/")]
     train_metrics = {f"train/{m.split('/', 1)[1]}" for m in metrics}
     losses = [k[len("train/"):] for k in cols if k.startswith("train/") and k not in train_metrics]
-    panels = len(losses) + len(metrics)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.5), tight_layout=True, squeeze=False)
-    axes = axes[0]
-    for ax, name in zip(axes, losses):
-        ax.plot(epochs, cols[f"train/{name}"], marker=".", label="train")
-        if f"val/{name}" in cols:
-            ax.plot(epochs, cols[f"val/{name}"], marker=".", label="val")
-        ax.set_title(f"{name} loss")
+    panels = [(f"train/{n}", f"val/{n}") for n in losses] + [(f"train/{m.split('/', 1)[1]}", m) for m in metrics]
+    n = max(len(panels), 1)
+    ncols = min(n, RESULTS_COLUMNS)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), tight_layout=True, squeeze=False)
+    titles = []
+    for ax, (train_key, val_key) in zip(axes.ravel(), panels):
+        for key, label, colour_ in ((train_key, "train", "tab:blue"), (val_key, "val", "tab:orange")):
+            if key in cols:
+                ax.plot(epochs, cols[key], marker=".", color=colour_, label=label)
+                if len(epochs) >= 5:
+                    ax.plot(epochs, _smoothed(cols[key]), ":", color=colour_, label=f"{label} smoothed")
+        titles.append(panel_title(val_key if val_key.startswith("metrics/") else train_key))
+        ax.set_title(titles[-1])
         ax.set_xlabel("epoch")
-        ax.legend()
-    for ax, name in zip(axes[len(losses):], metrics):
-        short = name.split("/", 1)[1]
-        if f"train/{short}" in cols:
-            ax.plot(epochs, cols[f"train/{short}"], marker=".", label="train")
-        ax.plot(epochs, cols[name], marker=".", label="val")
-        ax.set_title(short)
-        ax.set_xlabel("epoch")
-        ax.legend()
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
     fig.savefig(path or Path(csv_path).with_name("results.png"), dpi=120)
     plt.close(fig)
+    return titles
 
 
 def colour(i: int) -> tuple[int, int, int]:
@@ -196,7 +221,9 @@ def plot_label_distribution(cls: np.ndarray, boxes: np.ndarray, names: list[str]
     fig, ax = plt.subplots(1, 3, figsize=(12, 4), tight_layout=True)
     counts = np.bincount(cls.astype(int), minlength=len(names)) if len(cls) else np.zeros(len(names), int)
     ax[0].bar(range(len(names)), counts, color=[np.array(colour(i)) / 255 for i in range(len(names))])
-    ax[0].set_xticks(range(len(names)), names, rotation=90 if len(names) > 8 else 0)
+    text = sum(len(n) + 2 for n in names)  # the panel fits ~30 characters side by side
+    ax[0].set_xticks(range(len(names)), names, rotation=0 if text <= 30 else 45 if len(names) <= 20 else 90,
+                     ha="center" if text <= 30 or len(names) > 20 else "right", fontsize=8 if len(names) > 20 else 10)
     ax[0].set_ylabel("instances")
     panels = ((ax[1], (0, 1), ("x", "y", "box centres")), (ax[2], (2, 3), ("width", "height", "box sizes")))
     for a, (i, j), labels in panels:
