@@ -476,9 +476,14 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(csv_values(row))
-        shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.results().items())
         vloss = "  ".join(f"{n} {float(v):.4g}" for n, v in zip(self.task.loss_names, val_losses))
-        LOGGER.info(f"{'val':>10}  {shown}  val {vloss}  ({self.train_speed:.1f} img/s train)")
+        if hasattr(metrics, "summary_lines"):  # detect / segment: the header and the 'all' row of val's table
+            for line in metrics.summary_lines(per_class=False):
+                LOGGER.info(line)
+            LOGGER.info(f"{'val loss':>22}  {vloss}  ({self.train_speed:.1f} img/s train)")
+        else:
+            shown = "  ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.results().items())
+            LOGGER.info(f"{'val':>10}  {shown}  val {vloss}  ({self.train_speed:.1f} img/s train)")
         if self.cfg["plots"] and time.time() - getattr(self, "results_plotted_at", 0.0) >= RESULTS_PLOT_EVERY_S:
             self.plot_results()
 
