@@ -119,3 +119,26 @@ def test_ultralytics_habits(capsys, tmp_path):
     assert capsys.readouterr().out.startswith("efficientdet-d0 at 512 x 512:")
     assert main(["classify", "train", "model=yolov8n", "epochs=1", f"project={tmp_path}"]) == 2
     assert "task" in capsys.readouterr().err
+
+
+def test_compare_trains_each_model_and_writes_one_table(tmp_path, capsys):
+    """Three detectors on the same tiny data: a row each (params, GFLOPs, train time, img/s, mAP50-95, ms) in
+    compare.csv / compare.md and a point each in compare.png; a model that cannot be built keeps its row."""
+    import csv
+
+    from vistrain.data.synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "shapes", n=8, imgsz=64, seed=0, workers=1)
+    assert main(["compare", f"data={root / 'detect' / 'data.yaml'}", "models=yolov5n,yolov8n,nosuchnet,efficientdet-d0",
+                 "epochs=1", "imgsz=64", "batch=4", "nbs=4", "workers=0", f"project={tmp_path / 'runs'}",
+                 "plots=False"]) == 0
+    folder = tmp_path / "runs" / "detect" / "compare"
+    rows = list(csv.DictReader((folder / "compare.csv").open()))
+    assert [r["model"] for r in rows] == ["yolov5n", "yolov8n", "nosuchnet", "efficientdet-d0"]
+    for r in (rows[0], rows[1], rows[3]):
+        assert not r["error"] and float(r["params_M"]) > 1 and float(r["gflops"]) > 0 and float(r["ms"]) > 0
+        assert 0 <= float(r["metric"]) <= 1 and float(r["train_img_s"]) > 0
+        assert (folder / r["model"] / "weights" / "best.pt").is_file()
+    assert "not a built-in model" in rows[2]["error"]
+    assert (folder / "compare.png").is_file() and (folder / "compare.md").read_text().count("\n| ") == 4
+    assert "| yolov8n |" in capsys.readouterr().out

@@ -94,4 +94,12 @@ def benchmark(**kwargs: Any) -> list[dict]:
     return run_benchmark(cfg)
 
 
-__all__ = ["Model", "build_model", "train", "val", "predict", "export", "benchmark", "__version__"]
+def compare(**kwargs: Any) -> list[dict]:
+    """Train every model of ``models=`` on ``data`` with the same keys, validate and time each; one table."""
+    cfg = _config("compare", kwargs)
+    from vistrain.engine.compare import compare as run_compare
+
+    return run_compare(cfg)
+
+
+__all__ = ["Model", "compare", "build_model", "train", "val", "predict", "export", "benchmark", "__version__"]

@@ -19,6 +19,8 @@ MODES = {
     "data": "make the built-in synthetic dataset (vistrain data make out=DIR n=1000 imgsz=320 seed=0), or write "
             "a Pascal VOC folder's split lists (vistrain data split data=VOCdevkit/VOC2007 trainval=0.9 train=0.9 "
             "seed=0)",
+    "compare": "train several models on the same data and compare them in one table (vistrain compare data=DIR "
+               "models=yolov5n,yolov8n,efficientdet-d0 epochs=30)",
     "convert": "a peer's weight file (ultralytics, yolov5) to a vistrain checkpoint, read without running its code "
                "(vistrain convert yolov8n.pt yolov8n-vistrain.pt)",
     "version": "print vistrain's version",
@@ -311,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(cfg)
         elif mode == "summary":
             summary(cfg)
+        elif mode == "compare":
+            from vistrain.engine.compare import compare
+
+            compare(cfg)
         elif mode == "data":
             data_mode(sub, cfg, fractions)
         return 0

@@ -606,6 +606,7 @@ class Trainer:
         LOGGER.info(f"Results saved to {self.save_dir}")
         self.run_callbacks("on_train_end")
         results = {**metrics.results(), "fitness": metrics.fitness(), "best_epoch": self.best_epoch + 1,
-                   "epochs_done": self.epoch + 1, "save_dir": str(self.save_dir)}
+                   "epochs_done": self.epoch + 1, "train_img_s": getattr(self, "train_speed", None),
+                   "save_dir": str(self.save_dir)}
         results.update({f"val/{n}": float(v) for n, v in zip(self.task.loss_names, val_losses)})
         return results
