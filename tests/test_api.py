@@ -112,6 +112,9 @@ def test_model_object_trains_validates_predicts_and_exports(colour_folder, tmp_p
     image[..., 2] = 220  # red, in BGR
     (r,) = model(image, imgsz=32)
     assert r.probs.data.shape == (3,) and model.names[r.probs.top1] in model.names
+    built = model._prepared[1][1]
+    (again,) = model.predict([image], imgsz=32)  # the model is built once, not per call
+    assert model._prepared[1][1] is built and torch.equal(again.probs.data, r.probs.data)
     onnx = vistrain.Model(model.export(format="onnx", verbose=False))
     assert onnx.task == "classify" and onnx.names == model.names
     assert torch.allclose(onnx.predict(image, imgsz=32)[0].probs.data, r.probs.data, atol=1e-4)

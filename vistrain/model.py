@@ -28,6 +28,7 @@ class Model:
         self.task_override = task
         self._module = None
         self._ckpt_meta: dict | None = None
+        self._prepared: tuple | None = None  # (keys, prepare_predictor's result): kept between predict calls
         self.metrics: dict | None = None  # the last train / val metrics
 
     # --- what it is --------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Model:
         res = vistrain.train(**self._keys(kwargs))
         best = Path(res["save_dir"]) / "weights" / "best.pt"
         if best.is_file():
-            self.source, self._module, self._ckpt_meta = str(best), None, None
+            self.source, self._module, self._ckpt_meta, self._prepared = str(best), None, None, None
         self.metrics = res
         return res
 
@@ -108,10 +109,23 @@ class Model:
         return self.metrics
 
     def predict(self, source: Any = None, **kwargs: Any):
-        """``vistrain.predict`` keys; a list of ``Result`` (a generator with ``stream=True``)."""
+        """``vistrain.predict`` keys; a list of ``Result`` (a generator with ``stream=True``).  The model (or the
+        exported file's session) is built on the first call and kept while ``device``, ``fuse`` and
+        ``channels_last`` stay the same."""
         import vistrain
+        from vistrain.engine.predictor import predict as run_predict
+        from vistrain.engine.predictor import prepare_predictor
 
-        return vistrain.predict(self.source, source, **self._keys(kwargs))
+        kwargs = self._keys(kwargs)
+        kwargs["model"] = self.source
+        if source is not None:
+            kwargs["source"] = str(source) if isinstance(source, Path) else source
+        kwargs.setdefault("save", False)
+        cfg = vistrain._config("predict", kwargs)
+        key = (cfg.get("device"), cfg.get("fuse"), cfg.get("channels_last"), cfg.get("task"))
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, prepare_predictor(cfg))
+        return run_predict(cfg, prepared=self._prepared[1])
 
     __call__ = predict
 

@@ -55,7 +55,7 @@ def compare(cfg: dict) -> list[dict[str, Any]]:
     folder = Path(cfg.get("project") or "runs") / task / (cfg.get("name") or "compare")
     folder.mkdir(parents=True, exist_ok=True)
     shared = {k: cfg[k] for k in user_keys(cfg) if k not in TRAIN_KEYS_NOT_SHARED and not k.startswith("_")}
-    shared.update(project=str(folder.parent.parent), exist_ok=True, verbose=False)  # train adds TASK/
+    shared.update(project=str(folder.parent.parent), exist_ok=True)  # train adds TASK/
     rows = []
     for m in models:
         LOGGER.info(f"compare: {m} ({len(rows) + 1}/{len(models)})")

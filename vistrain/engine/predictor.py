@@ -189,31 +189,41 @@ class _VideoWriters:
             w.release()
 
 
-def predict(cfg: dict):
+def predict(cfg: dict, prepared: tuple | None = None):
     """Run ``predict``: a list of ``Result``, or with ``stream=True`` a generator giving them one by one (for long
     videos: nothing is kept).  With ``save`` the run folder gets the drawn images (videos: ``NAME.mp4``) and the
     task's prediction files; without it nothing is written."""
-    run = _predict(cfg)
+    run = _predict(cfg, prepared)
     return run if cfg.get("stream") else list(run)
 
 
-def _predict(cfg: dict):
-    from vistrain.engine.run import prepare_run, resolve_task_and_model, user_keys
+def prepare_predictor(cfg: dict) -> tuple:
+    """``(task, model as predict runs it, checkpoint dict, device)`` for ``cfg['model']``: what a ``Model`` keeps
+    between ``predict`` calls, so that the model (or ONNX Runtime session) is built once."""
+    from vistrain.engine.run import resolve_task_and_model
     from vistrain.engine.utils import select_device
 
     cfg["_mode"] = "predict"
     task, model, ckpt = resolve_task_and_model(cfg, need_model=True)
+    device = select_device(cfg.get("device"))
+    if not getattr(model, "exported", False):  # an exported file's outputs are decoded already
+        model = inference_model(model, task, cfg, device)
+    return task, model, ckpt, device
+
+
+def _predict(cfg: dict, prepared: tuple | None = None):
+    from vistrain.engine.run import prepare_run, user_keys
+
+    cfg["_mode"] = "predict"
+    task, model, ckpt, device = prepared or prepare_predictor(cfg)
+    if hasattr(task, "set_head_kind"):
+        task.cfg = cfg  # this call's NMS keys (soft_nms)
     sources = resolve_sources(cfg.get("source"))
     if "imgsz" not in user_keys(cfg) and ckpt.get("imgsz"):
         cfg["imgsz"] = ckpt["imgsz"]
     names = list(ckpt.get("names") or [str(i) for i in range(ckpt["model_yaml"].get("nc", 0))])
     save = bool(cfg["save"])
-    if save:
-        device, save_dir = prepare_run(cfg, task, default_name="predict")
-    else:
-        device, save_dir = select_device(cfg.get("device")), None
-    if not getattr(model, "exported", False):  # an exported file's outputs are decoded already
-        model = inference_model(model, task, cfg, device)
+    save_dir = prepare_run(cfg, task, default_name="predict")[1] if save else None
     stride = task.predict_stride(model)
     kept: list[Result] = []  # for the prediction files (save)
     skipped: list[str] = []
