@@ -20,8 +20,8 @@ would leave NMS and the masks nothing to do; yolov8n-seg's mask coefficients shi
 positive, since fresh ones leave the kept boxes' masks empty at 640 px):
 
 * vistrain PyTorch / ONNX / OpenVINO: the checkpoint, ``vistrain.export(format="onnx", dynamic=True)`` and
-  ``format="openvino", dynamic=True`` of it.  Timed: the steps of ``vistrain.engine.predictor.predict`` per image, replicated
-  (``resolve_task_and_model``, ``inference_model`` for the checkpoint, as ``predict`` does; then per image
+  ``format="openvino", dynamic=True`` of it.  Timed: the steps of ``vistrain.engine.predictor.predict`` per image,
+  replicated (``resolve_task_and_model``, ``inference_model`` for the checkpoint, as ``predict`` does; then per image
   ``task.predict_preprocess``, ``torch.stack``, the model under ``torch.no_grad``, ``task.predict_postprocess``,
   ``task.make_result`` and ``task.describe``), without the per-call setup, because a ``vistrain.predict()`` call
   builds the model (or the ONNX Runtime session / OpenVINO compile) and the run folder anew each time; what such a

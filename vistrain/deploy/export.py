@@ -138,7 +138,8 @@ def export(cfg: dict) -> Path:
         else:
             onnx_path = out if fmt == "onnx" else out / (Path(ref).stem + ".onnx")
             write_onnx(net, x, onnx_path, meta, opset=int(cfg.get("opset") or DEFAULT_OPSET),
-                       simplify=bool(cfg.get("simplify")) and fmt == "onnx", dynamic_hw=meta["dynamic_hw"], dynamic=dynamic)
+                       simplify=bool(cfg.get("simplify")) and fmt == "onnx", dynamic_hw=meta["dynamic_hw"],
+                       dynamic=dynamic)
             if fmt == "openvino":
                 write_openvino(onnx_path, out, meta, half=half)
     diff = check_export(out, net, x, ref_out, meta)
