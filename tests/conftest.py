@@ -29,6 +29,15 @@ def write_colour_folder(root: Path, per_class: int = 12, size: int = 32, seed: i
     return root
 
 
+def export_formats() -> list[str]:
+    """The export formats whose runtimes are installed: ONNX and TorchScript, and OpenVINO with its extra."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ["onnx", "torchscript"]
+    return ["onnx", "torchscript", "openvino"]
+
+
 @pytest.fixture
 def colour_folder(tmp_path) -> Path:
     return write_colour_folder(tmp_path / "colours")

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import vistrain
+from conftest import export_formats
 from vistrain.data.synthetic import make_dataset
 
 
@@ -74,12 +75,7 @@ def test_exported_efficientdet_validates_and_predicts_like_the_checkpoint(overfi
     nms=True."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is a dev extra")
     best = Path(overfit["save_dir"]) / "weights" / "best.pt"
-    formats = ["onnx", "torchscript"]
-    try:
-        import openvino  # noqa: F401
-        formats.append("openvino")
-    except ImportError:
-        pass
+    formats = export_formats()
     images = [str(p) for p in sorted((overfit["root"] / "detect" / "images" / "train").iterdir())[:3]]
     kw = {"project": str(tmp_path), "verbose": False}
     want_val = vistrain.val(model=str(best), data=overfit["data"], workers=0, plots=False, name="v", **kw)

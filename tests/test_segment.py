@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vistrain
+from conftest import export_formats
 from vistrain.data.synthetic import make_dataset
 
 
@@ -191,12 +192,7 @@ def test_exported_segmenter_validates_and_predicts_like_the_checkpoint(fitted, t
     from PIL import Image
 
     best = Path(fitted["save_dir"]) / "weights" / "best.pt"
-    formats = ["onnx", "torchscript"]
-    try:
-        import openvino  # noqa: F401
-        formats.append("openvino")
-    except ImportError:
-        pass
+    formats = export_formats()
     images = [str(p) for p in sorted((fitted["root"] / "segment" / "images" / "train").iterdir())[:4]]
     for i, p in enumerate(images[:2]):  # wide crops: a rectangular letterbox
         Image.open(p).crop((0, 16, 96, 80)).save(tmp_path / f"wide{i}.png")
