@@ -205,6 +205,7 @@ def state_dict_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> dict | Non
     The model is named from the tensors (ResNet: blocks per stage and bottlenecks; EfficientDet: BiFPN width and
     depth, the backbone's head width, the anchor levels), built, and must load the state_dict strictly."""
     from vistrain.nn.model import load_model_yaml, model_from_yaml
+    from vistrain.tasks.detect import native_imgsz
 
     name, nc = None, None
     if "fc.weight" in sd and "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
@@ -223,12 +224,9 @@ def state_dict_checkpoint(path: Path, sd: dict[str, torch.Tensor]) -> dict | Non
                         f"({str(e).splitlines()[0][:160]}); give model={name} pretrained={path}") from None
     return {"model": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
             "model_yaml": model.yaml, "task": model.task, "names": [str(i) for i in range(nc)],
-            "imgsz": int(d.get("imgsz") or EFFDET_SIZES.get(name) or 224),
+            "imgsz": int(d.get("imgsz") or native_imgsz(name) or 224),
             "converted_from": {"file": str(path), "package": "torchvision" if name.startswith("resnet") else "effdet",
                                "class": name, "version": ""}}
-
-
-EFFDET_SIZES: dict[str, int] = {}
 
 
 def effdet_name(path: Path, sd: dict[str, torch.Tensor]) -> tuple[str | None, int | None]:
@@ -250,5 +248,4 @@ def effdet_name(path: Path, sd: dict[str, torch.Tensor]) -> tuple[str | None, in
         found = ["d7"] if "d7" in Path(path).name.lower() else ["d6"]
     if len(found) != 1:
         return None, None
-    EFFDET_SIZES[f"efficientdet-{found[0]}"] = EFFICIENTDET[found[0]][1]
     return f"efficientdet-{found[0]}", nc
