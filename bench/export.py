@@ -1,13 +1,17 @@
 """Exported models on CPU: vistrain's predictor with PyTorch, ONNX Runtime and OpenVINO against the peers' predictors.
 
-    .venv/bin/python bench/export.py            # full run: ~7.5 minutes on 2 cores (plus any wait for a quiet machine)
+    .venv/bin/python bench/export.py            # full run: ~12 minutes on 2 cores (plus any wait for a quiet machine)
     .venv/bin/python bench/export.py --quick    # smoke run (320 / 256 px, 1 + 3 rounds), < 2 minutes
     .venv/bin/python bench/export.py --help     # --models --rounds --warmup-rounds --threads --candidates ...
 
-Writes ``bench/results/export.json`` (``--quick``: ``export-quick.json``).  One process, batch 1, CPU, the same
-``--threads`` (2) for torch, ONNX Runtime and OpenVINO on every side, ``OMP_WAIT_POLICY=PASSIVE`` as vistrain's API
-sets it (unless the environment sets a policy; torch's sides share it, ONNX Runtime and OpenVINO have their own
-thread pools).  Offline: ``YOLO_OFFLINE=1``, the peers' settings in the temp dir, internet sockets refused.
+Writes ``bench/results/export.json`` (``--quick``: ``export-quick.json``).  Batch 1, CPU, the same ``--threads`` (2)
+for torch, ONNX Runtime and OpenVINO on every side, ``OMP_WAIT_POLICY=PASSIVE`` as vistrain's API sets it (unless the
+environment sets a policy).  Each side runs in a process of its own (spawned, built once, then one image per request,
+as a deployed predictor runs), called in turn from the bench with a pause (``--gap-ms``, 100) before each call, so
+that no side's idle thread pool (ONNX Runtime's threads spin after a run) eats into another side's time;
+``--one-process`` puts every side in the bench's own process instead (how the results before 2026-12-07 were taken:
+there the sides' thread pools compete).  Offline: ``YOLO_OFFLINE=1``, the peers' settings in the temp dir, internet
+sockets refused, in the workers too.
 
 Latency = one image end to end: pre-process (letterbox, HWC uint8 -> CHW float), inference, post-process (NMS,
 boxes back to the original pixels, masks at the original size for vistrain), and the result object.  Not timed:
@@ -357,6 +361,8 @@ class Yolov5Side:
     """The ``yolov5`` package's PyTorch predictor (AutoShape) on its own YOLOv5s holding vistrain's weights."""
 
     def __init__(self, state: dict, imgsz: int):
+        if "yolov5.train" not in sys.modules:  # a worker process: import it as the parent did
+            (sys.modules.get("bench_detect") or load_bench("detect")).import_yolov5()
         import yolov5
         from yolov5.models.common import AutoShape
         from yolov5.models.yolo import Model
@@ -378,9 +384,10 @@ class Yolov5Side:
 class EffdetSide:
     """effdet's ``DetBenchPredict`` with vistrain's letterbox, as ``bench/efficientdet.py`` runs it."""
 
-    def __init__(self, effbench, state: dict, imgsz: int):
+    def __init__(self, state: dict, imgsz: int):
         from vistrain.tasks.detect import DetectTask
 
+        effbench = sys.modules.get("bench_efficientdet") or load_bench("efficientdet")
         self.bench = effbench.import_effdet().DetBenchPredict(effbench.effdet_model(state, imgsz, NC)).eval()
         self.mean = torch.tensor(effbench.MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(effbench.STD).view(1, 3, 1, 1)
@@ -400,6 +407,79 @@ class EffdetSide:
         det[:, :4] = scale_boxes_back(det[:, :4], ratio, pad, shape)
         det[:, 5] -= 1  # effdet's classes are 1-based
         return det, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+
+# ---------------------------------------------------------------------------------------------- sides
+SIDES = {"VistrainSide": VistrainSide, "UltralyticsSide": UltralyticsSide, "Yolov5Side": Yolov5Side,
+         "EffdetSide": EffdetSide}
+
+
+def side(cls, *args, nospin: bool = False, **kw) -> tuple:
+    """A side as a picklable recipe (class name, arguments): built where it is timed (a worker process, or this
+    one with ``--one-process``); ``nospin``: built under ``ort_no_spinning()``."""
+    return cls.__name__, args, kw, nospin
+
+
+def build_side(spec: tuple):
+    name, args, kw, nospin = spec
+    with ort_no_spinning() if nospin else contextlib.nullcontext():
+        return SIDES[name](*args, **kw)
+
+
+def _side_worker(conn, spec: tuple, threads: int, image) -> None:
+    """One side in its own process, as a deployed predictor runs: built once, then one image per request."""
+    block_internet()
+    with quiet(False):
+        import ultralytics  # noqa: F401 (as in the parent: its import sets OMP_NUM_THREADS)
+    torch.set_num_threads(threads)
+    try:
+        s = build_side(spec)
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            out = s(image)[0]
+        conn.send(("ok", out.detach().clone().cpu(), getattr(s, "session_threads_default", None)))
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        conn.send(("error", f"{type(e).__name__}: {e}", None))
+        return
+    while n := conn.recv():  # n calls back to back, the first untimed (the side's caches warm again)
+        times = []
+        for _ in range(n + 1):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                split = s(image)[1]
+            times.append((time.perf_counter() - t0, *split))
+        conn.send(times[1:])
+
+
+class IsolatedSides:
+    """Every side in a worker process of its own (spawned: nothing inherited but the environment), called in turn
+    from here for a block of ``block`` back-to-back images (after one untimed), as a busy predictor runs; between
+    two sides a pause (``gap``) so that no side's idle threads (ONNX Runtime's spinning) run into the next one's
+    timing."""
+
+    def __init__(self, specs: dict, threads: int, image, gap: float, block: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.gap, self.block, self.procs, self.conns, self.outputs, self.info = gap, block, {}, {}, {}, {}
+        for n, spec in specs.items():
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_side_worker, args=(child, spec, threads, image), daemon=True)
+            p.start()
+            status, out, info = parent.recv()  # one at a time: the builds do not compete with each other
+            if status != "ok":
+                raise RuntimeError(f"{n}: {out}")
+            self.procs[n], self.conns[n], self.outputs[n], self.info[n] = p, parent, out, info
+
+    def time(self, n: str) -> list[tuple]:
+        time.sleep(self.gap)
+        self.conns[n].send(self.block)
+        return self.conns[n].recv()
+
+    def close(self) -> None:
+        for n, c in self.conns.items():
+            c.send(False)
+            self.procs[n].join(timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -435,20 +515,18 @@ def compare(outputs: dict, ref: str, same_letterbox: list[str]) -> dict:
     return out
 
 
-def time_sides(sides: dict, image, args) -> dict:
-    """Round robin: every side once per round, order reversed every round; medians and per-round totals."""
-    names = list(sides)
+def time_sides(call, names: list[str], warmup_rounds: int, rounds: int) -> dict:
+    """Round robin: every side once per round, order reversed every round; medians and per-round totals.
+    ``call(name)`` runs a block of images on that side and gives (total, pre, model, post) seconds for each."""
     times = {n: [] for n in names}  # (total, pre, model, post) seconds
     mon = CpuMonitor()
-    for r in range(args.warmup_rounds + args.rounds):
-        if r == args.warmup_rounds:
+    for r in range(warmup_rounds + rounds):
+        if r == warmup_rounds:
             mon.start()
         for n in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
-            _, split = sides[n](image)
-            total = time.perf_counter() - t0
-            if r >= args.warmup_rounds:
-                times[n].append((total, *split))
+            t = call(n)
+            if r >= warmup_rounds:
+                times[n].extend(t)
     med = {n: {k: round(1e3 * statistics.median(t[i] for t in times[n]), 2)
                for i, k in enumerate(("total_ms", "preprocess_ms", "inference_ms", "postprocess_ms"))} for n in names}
     for n, m in med.items():  # the rest of the call: result objects, argument handling, ...
@@ -469,14 +547,36 @@ def ratios(res: dict, mine: list[str], peer: str, target: float) -> dict:
             "per_format": {n: round(med[n]["total_ms"] / med[peer]["total_ms"], 3) for n in mine}}
 
 
-def run_family(name: str, sides: dict, image, args, extra: dict, targets: list[tuple]) -> dict:
+def run_family(name: str, specs: dict, image, args, extra: dict, targets: list[tuple]) -> dict:
     torch.set_num_threads(args.threads)
-    with torch.no_grad():
-        outputs = {n: fn(image)[0] for n, fn in sides.items()}
-    alike = [n for n in sides if n != V_PT and (n.startswith("vistrain") or n == U_ONNX)]  # the same letterbox
+    if args.one_process:
+        sides = {n: build_side(s) for n, s in specs.items()}
+        torch.set_num_threads(args.threads)
+        with torch.no_grad():
+            outputs = {n: fn(image)[0] for n, fn in sides.items()}
+        info = {n: getattr(fn, "session_threads_default", None) for n, fn in sides.items()}
+
+        def call(n):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                split = sides[n](image)[1]
+            return [(time.perf_counter() - t0, *split)]
+    else:
+        iso = IsolatedSides(specs, args.threads, image, args.gap_ms / 1e3, args.block)
+        outputs, info, call = iso.outputs, iso.info, iso.time
+    extra["isolation"] = ("one process, every side in it" if args.one_process else
+                          f"one spawned process per side; per round a block of {args.block} back-to-back images "
+                          f"(after one untimed) on each side, {args.gap_ms:g} ms pause between two sides' blocks")
+    if U_ONNX in info:
+        extra["ultralytics_onnx_session_threads_default"] = info[U_ONNX]
+    alike = [n for n in specs if n != V_PT and (n.startswith("vistrain") or n == U_ONNX)]  # the same letterbox
     extra["outputs"] = compare(outputs, V_PT, alike)
     load_before, waited = wait_for_quiet(args.max_load, args.max_wait)
-    res = time_sides(sides, image, args)
+    rounds = (args.warmup_rounds, args.rounds) if args.one_process else \
+        (max(1, -(-args.warmup_rounds // args.block)), max(1, args.rounds // args.block))
+    res = time_sides(call, list(specs), *rounds)
+    if not args.one_process:
+        iso.close()
     load_after = load1()
     res.update(extra)
     res["threads_after"] = torch.get_num_threads()
@@ -537,19 +637,17 @@ def family_yolov8(args, tmp: Path, image, image_path: Path, bisect) -> dict:
     exports["ultralytics-onnx"] = {"path": str(ul_onnx), "export_s": round(time.perf_counter() - t0, 2),
                                    "simplify": slim}
     torch.set_num_threads(args.threads)
-    sides = {V_PT: VistrainSide(ckpt, imgsz, args.threads),
-             V_ONNX: VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads),
-             V_OV: VistrainSide(Path(exports["openvino"]["path"]), imgsz, args.threads),
-             U_ONNX: UltralyticsSide(ul_onnx, imgsz, args.threads, image),
-             U_PT: UltralyticsSide(ul_pt, imgsz, args.threads, image)}
-    sides[U_RETINA] = UltralyticsSide(ul_pt, imgsz, args.threads, image, retina_masks=True)
+    sides = {V_PT: side(VistrainSide, ckpt, imgsz, args.threads),
+             V_ONNX: side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads),
+             V_OV: side(VistrainSide, Path(exports["openvino"]["path"]), imgsz, args.threads),
+             U_ONNX: side(UltralyticsSide, ul_onnx, imgsz, args.threads, image),
+             U_PT: side(UltralyticsSide, ul_pt, imgsz, args.threads, image)}
+    sides[U_RETINA] = side(UltralyticsSide, ul_pt, imgsz, args.threads, image, retina_masks=True)
     if slim:
-        sides[V_SLIM] = VistrainSide(Path(exports["onnx-slim"]["path"]), imgsz, args.threads)
-    with ort_no_spinning():
-        sides[V_NOSPIN] = VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads)
+        sides[V_SLIM] = side(VistrainSide, Path(exports["onnx-slim"]["path"]), imgsz, args.threads)
+    sides[V_NOSPIN] = side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads, nospin=True)
     extra = {"imgsz": imgsz, "weights": "build_model('yolov8n-seg', num_classes=80), torch seed 0, class logits tuned",
              "candidates": tune, "exports": exports,
-             "ultralytics_onnx_session_threads_default": sides[U_ONNX].session_threads_default,
              "input_shapes": {V_PT: [imgsz, imgsz], U_PT: "letterbox to a stride multiple (480x640 for 640x480)",
                               U_ONNX: [imgsz, imgsz]}}
     if args.api_calls:
@@ -573,13 +671,12 @@ def family_yolov5(args, tmp: Path, image, image_path: Path, detect_bench) -> dic
             "logit_shift": tuned.shift}
     ckpt = save_checkpoint(model, tmp / "yolov5s.pt", imgsz)
     exports = vistrain_exports(ckpt, imgsz, args.threads, slim=False)
-    sides = {V_PT: VistrainSide(ckpt, imgsz, args.threads),
-             V_ONNX: VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads),
-             V_OV: VistrainSide(Path(exports["openvino"]["path"]), imgsz, args.threads)}
-    with ort_no_spinning():
-        sides[V_NOSPIN] = VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads)
+    sides = {V_PT: side(VistrainSide, ckpt, imgsz, args.threads),
+             V_ONNX: side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads),
+             V_OV: side(VistrainSide, Path(exports["openvino"]["path"]), imgsz, args.threads),
+             V_NOSPIN: side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads, nospin=True)}
     if detect_bench.YOLOV5 is not None:
-        sides[Y5_PT] = Yolov5Side({k: v.detach().clone() for k, v in model.state_dict().items()}, imgsz)
+        sides[Y5_PT] = side(Yolov5Side, {k: v.detach().clone() for k, v in model.state_dict().items()}, imgsz)
     extra = {"imgsz": imgsz, "weights": "bench/detect.py's VistrainInfer: build_model('yolov5s', num_classes=80), "
                                         "torch seed 0, score logits tuned", "candidates": tune, "exports": exports,
              "yolov5": "imported" if detect_bench.YOLOV5 is not None else "not importable: left out",
@@ -604,12 +701,11 @@ def family_effdet(args, tmp: Path, image, image_path: Path, effbench, bisect) ->
     ckpt = save_checkpoint(model, tmp / "efficientdet-d0.pt", imgsz)
     exports = vistrain_exports(ckpt, imgsz, args.threads, slim=False)
     state = effbench.nchw_state(model)
-    sides = {V_PT: VistrainSide(ckpt, imgsz, args.threads),
-             V_ONNX: VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads),
-             V_OV: VistrainSide(Path(exports["openvino"]["path"]), imgsz, args.threads),
-             E_PT: EffdetSide(effbench, state, imgsz)}
-    with ort_no_spinning():
-        sides[V_NOSPIN] = VistrainSide(Path(exports["onnx"]["path"]), imgsz, args.threads)
+    sides = {V_PT: side(VistrainSide, ckpt, imgsz, args.threads),
+             V_ONNX: side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads),
+             V_OV: side(VistrainSide, Path(exports["openvino"]["path"]), imgsz, args.threads),
+             E_PT: side(EffdetSide, state, imgsz),
+             V_NOSPIN: side(VistrainSide, Path(exports["onnx"]["path"]), imgsz, args.threads, nospin=True)}
     extra = {"imgsz": imgsz, "weights": "build_model('efficientdet-d0', num_classes=80), torch seed 0, class logits "
                                         "tuned; the same state_dict in effdet's EfficientDet (strict)",
              "candidates": tune, "exports": exports}
@@ -626,7 +722,8 @@ def parse_args(argv=None):
     p.add_argument("--models", default=",".join(FAMILIES), help=f"comma list of {', '.join(FAMILIES)}")
     p.add_argument("--imgsz", type=int, default=640, help="YOLO input size (default 640)")
     p.add_argument("--effdet-imgsz", type=int, default=512, help="EfficientDet-D0 input size (default 512)")
-    p.add_argument("--rounds", type=int, default=40, help="timed rounds; a round runs every side once (default 40)")
+    p.add_argument("--rounds", type=int, default=40,
+                   help="images timed per side (default 40): one per round with --one-process, else in blocks")
     p.add_argument("--warmup-rounds", type=int, default=3)
     p.add_argument("--candidates", type=int, default=100,
                    help="boxes (EfficientDet: anchor-class pairs) above conf 0.25 before NMS; 0 = as initialised")
@@ -634,6 +731,13 @@ def parse_args(argv=None):
     p.add_argument("--api-calls", type=int, default=3, help="vistrain.predict() calls timed per format (info; 0: none)")
     p.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
     p.add_argument("--max-wait", type=float, default=300.0, help="longest wait for a quiet machine, seconds")
+    p.add_argument("--one-process", action="store_true",
+                   help="every side in this process (default: each side in a process of its own)")
+    p.add_argument("--gap-ms", type=float, default=100.0,
+                   help="pause between two sides' blocks when each has its own process (default 100)")
+    p.add_argument("--block", type=int, default=5,
+                   help="images timed back to back per side and round, each side in its own process (default 5; "
+                        "1 with --gap-ms: a predictor called now and then)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 320 / 256 px, 1 + 3 rounds, no waiting")
     args = p.parse_args(argv)

@@ -128,6 +128,36 @@ def test_openvino_exports_with_equal_outputs(name, tmp_path):
     assert_same_outputs(runner, reference(ckpt), name, runner.meta["dynamic_hw"])
 
 
+def test_half_on_cpu(tmp_path, caplog):
+    """half=True without CUDA: ONNX and TorchScript say so and export FP32 (as ultralytics does); OpenVINO stores
+    FP16 weights (about half the file) whose outputs stay within FP16 rounding of PyTorch's.  (FP16 ONNX and
+    TorchScript on CUDA need a GPU: not run here.)"""
+    import logging
+
+    ckpt = fresh_checkpoint("yolov5n", tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vistrain"):
+        path = vistrain.export(model=str(ckpt), format="onnx", half=True, verbose=False)
+    assert "half=True needs a CUDA device" in caplog.text
+    runner = load_exported(path)
+    assert runner.meta["half"] is False
+    assert_same_outputs(runner, reference(ckpt), "yolov5n", dynamic_hw=False)
+    if not HAVE_OPENVINO:
+        pytest.skip("openvino not installed (pip install 'vistrain[openvino]')")
+    fp32 = vistrain.export(model=str(ckpt), format="openvino", verbose=False)
+    weights32 = sum(f.stat().st_size for f in fp32.glob("*.bin"))
+    fp32.rename(tmp_path / "fp32_openvino_model")
+    fp16 = vistrain.export(model=str(ckpt), format="openvino", half=True, verbose=False)
+    weights16 = sum(f.stat().st_size for f in fp16.glob("*.bin"))
+    assert 0.45 < weights16 / weights32 < 0.6, (weights16, weights32)
+    runner = load_exported(fp16)
+    assert runner.meta["half"] is True
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = outputs(reference(ckpt)(x))
+    for g, r in zip(outputs(runner(x)), want):
+        assert g.shape == r.shape and float((g - r).abs().max()) <= 1e-2 * float(r.abs().max())
+
+
 def test_fixed_size_export_runs_larger_batches_in_chunks(tmp_path):
     ckpt = fresh_checkpoint("yolov5n", tmp_path)
     path = vistrain.export(model=str(ckpt), format="onnx", batch=2, verbose=False)
