@@ -94,11 +94,12 @@ def test_nms_keys_are_config_keys():
     assert (cfg["classes"], cfg["soft_nms"], cfg["agnostic_nms"], cfg["max_det"]) == ("0,2", True, True, 10)
 
 
-def test_ultralytics_habits(capsys, tmp_path):
+def test_ultralytics_habits(capsys, tmp_path, monkeypatch):
     """Task first (`vistrain detect train ...`, checked against the model's task), `version`, `checks`, `train help`
-    without predict / export keys, `help models` as a naturally sorted table, `model=yolov8n.yaml` as the
-    built-in, and `summary` at each model's own size."""
+    without predict / export keys, `help models` as a naturally sorted table with parameters and GFLOPs,
+    `model=yolov8n.yaml` as the built-in, and `summary` at each model's own size."""
     import vistrain
+    from vistrain.nn.model import builtin_models
 
     assert main(["version"]) == 0 and capsys.readouterr().out.strip() == vistrain.__version__
     assert main(["checks"]) == 0
@@ -107,11 +108,24 @@ def test_ultralytics_habits(capsys, tmp_path):
     assert main(["train", "help"]) == 0
     keys = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines() if "=" in line]
     assert "epochs" in keys and "mosaic" in keys and not {"source", "format", "opset", "save", "nms"} & set(keys)
+    import vistrain.cli as cli
+
+    # counting every model takes a minute (then cached): here three are counted, the others shown as 0
+    picked, real = {"resnet50", "yolov8n", "efficientdet-d0"}, cli.model_stats
+    monkeypatch.setattr(cli, "model_stats", lambda rows: {**{r[0]: (0, 0.0) for r in rows},
+                                                          **real([r for r in rows if r[0] in picked])})
     assert main(["help", "models"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     names = [r[0] for r in rows]
     assert names.index("resnet18") < names.index("resnet50") < names.index("resnet101")
-    assert dict((r[0], (r[1], r[2])) for r in rows)["yolov8n-seg"] == ("segment", "640")
+    table = {r[0]: tuple(r[1:]) for r in rows}
+    assert table["yolov8n-seg"][:2] == ("segment", "640")
+    # parameters as the peers count them (torchvision, ultralytics, effdet); GFLOPs as `vistrain summary` counts
+    # them (torchvision: ResNet-50 4.09 GMACs; ultralytics: YOLOv8n 8.7 GFLOPs; effdet: D0 2.54 GMACs)
+    assert table["resnet50"][2:] == ("25,557,032", "8.2")
+    assert table["yolov8n"][2:] == ("3,157,200", "8.7")
+    assert table["efficientdet-d0"][1:] == ("512", "3,880,067", "5.0")
+    assert len(table) == len(builtin_models())
     assert main(["summary", "model=yolov8n.yaml"]) == 0  # ultralytics' file name: the built-in yolov8n
     out = capsys.readouterr().out
     assert out.startswith("yolov8n.yaml at 640 x 640:") and "GFLOPs: 8.7" in out  # ultralytics: 8.7 GFLOPs

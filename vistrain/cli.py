@@ -64,9 +64,54 @@ def print_help(mode: str | None = None) -> None:
             print(f"  {key + '=' + str(shown):<28} {meaning}")
 
 
+def model_stats(rows: list[tuple[str, str, int]]) -> dict[str, tuple[int, float]]:
+    """(parameters, GFLOPs at the default size) of each built-in model, as ``vistrain summary`` counts them.
+
+    Building every model takes about a minute, so the numbers are kept in ``$VISTRAIN_CACHE/models-HASH.json``, HASH of
+    vistrain's version, the model YAMLs and ``vistrain/nn``'s code: made once, remade when any of them changes.
+    The GFLOPs come from a forward pass on the ``meta`` device (shapes only, no arithmetic)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import vistrain
+    from vistrain.data.yolo import cache_dir
+    from vistrain.nn.model import MODELS_DIR, build_model
+    from vistrain.utils.summary import summarize
+
+    nn_dir = Path(vistrain.__file__).parent / "nn"
+    h = hashlib.sha1(vistrain.__version__.encode())
+    for f in sorted(MODELS_DIR.glob("*.yaml")) + sorted(nn_dir.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    path = cache_dir() / f"models-{h.hexdigest()[:16]}.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stats = {}
+    missing = [r for r in rows if r[0] not in stats]
+    if missing:
+        print(f"(counting the parameters and GFLOPs of {len(missing)} models once, about a minute; kept in {path})",
+              file=sys.stderr, flush=True)
+        for name, _task, size in missing:
+            with torch.no_grad():
+                model = build_model(name).eval()
+                params = sum(p.numel() for p in model.parameters())
+                stats[name] = [params, summarize(model.to("meta"), size, device="meta").gflops]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stats))
+            tmp.replace(path)
+        except OSError:  # a read-only cache: counted again next time
+            pass
+    return {name: (int(stats[name][0]), float(stats[name][1])) for name, _, _ in rows}
+
+
 def models_table() -> str:
-    """``vistrain help models``: every built-in name with its task and default input size, in natural order
-    (resnet18 before resnet101); parameters and GFLOPs come from ``vistrain summary model=NAME``."""
+    """``vistrain help models``: every built-in name with its task, default input size, parameters and GFLOPs
+    at that size (``model_stats``), in natural order (resnet18 before resnet101)."""
     import re
 
     from vistrain.nn.model import builtin_models, load_model_yaml
@@ -90,9 +135,11 @@ def models_table() -> str:
     scale_order = {s: i for i, s in enumerate("nsmlx")}
     rows.sort(key=lambda r: (key(re.sub(r"^(yolov\d+)([nsmlx])", r"\1", r[0])),
                              scale_order.get((re.match(r"^yolov\d+([nsmlx])", r[0]) or [None, ""])[1], 0)))
-    lines = ["Built-in models (model=NAME; `vistrain summary model=NAME` gives parameters and GFLOPs):",
-             f"  {'name':<24} {'task':<9} imgsz"]
-    lines += [f"  {n:<24} {t:<9} {sz}" for n, t, sz in rows]
+    stats = model_stats(rows)
+    lines = ["Built-in models (model=NAME; `vistrain summary model=NAME` gives the per-layer table); parameters at "
+             "the YAML's class count (nc), GFLOPs at imgsz:",
+             f"  {'name':<24} {'task':<9} {'imgsz':>5} {'params':>12} {'GFLOPs':>8}"]
+    lines += [f"  {n:<24} {t:<9} {sz:>5} {stats[n][0]:>12,} {stats[n][1]:>8.1f}" for n, t, sz in rows]
     return "\n".join(lines)
 
 
