@@ -526,6 +526,9 @@ class Trainer:
         save_checkpoint(ckpt, self.wdir / "last.pt")
         if improved:
             save_checkpoint(ckpt, self.wdir / "best.pt")
+        period = self.cfg.get("save_period") or 0
+        if period > 0 and (self.epoch + 1) % period == 0:
+            save_checkpoint(ckpt, self.wdir / f"epoch{self.epoch + 1}.pt")
 
     def load_training_state(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["train_model"])

@@ -28,6 +28,17 @@ class DataBundle:
     source: str = ""
 
 
+def take_fraction(items: list, fraction: float, split: str = "train") -> tuple[list, list[str]]:
+    """The ``fraction`` key: a fixed subset of ``items`` (the same every run), spread evenly over the sorted list
+    so that every part of it (every class folder of an ImageFolder) keeps its share; and the log line."""
+    n = len(items)
+    k = max(1, round(n * fraction)) if n else 0
+    if fraction >= 1 or k >= n:
+        return items, []
+    picked = [items[(i * n) // k] for i in range(k)]
+    return picked, [f"{split}: fraction={fraction:g}: {k} of {n} images used"]
+
+
 def val_batch_size(cfg: dict, training: bool) -> int:
     """Images per validation batch: ``2 x batch`` during training (as ultralytics: no gradients, so twice the
     training batch fits), ``batch`` for ``vistrain val``.  Rectangular validation batches are shaped for it."""

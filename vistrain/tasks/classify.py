@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vistrain.engine.utils import LOGGER, UserError
 from vistrain.metrics.classify import ClassifyMetrics
-from vistrain.tasks.base import DataBundle
+from vistrain.tasks.base import DataBundle, take_fraction
 
 
 class ClassifyTask:
@@ -49,7 +49,9 @@ class ClassifyTask:
         imgsz = cfg["imgsz"]
         train = None
         if need_train:
-            train = ClassifyDataset(train_idx.samples, imgsz, augment=cfg.get("augment", True),
+            samples, lines = take_fraction(train_idx.samples, cfg.get("fraction", 1.0))
+            summary += lines
+            train = ClassifyDataset(samples, imgsz, augment=cfg.get("augment", True),
                                     fliplr=cfg.get("fliplr", 0.5), hsv=cfg.get("hsv", 0.2), seed=cfg.get("seed", 0))
         val = ClassifyDataset(val_idx.samples, imgsz, augment=False)
         if len(val) == 0:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vistrain.engine.utils import LOGGER, UserError
-from vistrain.tasks.base import DataBundle, val_batch_size
+from vistrain.tasks.base import DataBundle, take_fraction, val_batch_size
 
 HYP_KEYS = ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr",
             "mosaic", "mixup")
@@ -176,8 +176,9 @@ class DetectTask:
         summary, train = [], None
         if need_train:
             labels, line = self.scan(data, "train", cfg["workers"])
-            summary.append(line)
-            train = DetectDataset(labels.items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
+            items, lines = take_fraction(labels.items, cfg.get("fraction", 1.0))
+            summary += [line, *lines]
+            train = DetectDataset(items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
                                   rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"],
                                   mosaic_buffer=bool(cfg.get("mosaic_buffer")), **self.dataset_options(cfg))
         val_labels, line = self.scan(data, "val", cfg["workers"])
