@@ -25,6 +25,7 @@ from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint, strip_t
 from vistrain.engine.freeze import Freezer, check_phase_keys, parse_freeze
 from vistrain.engine.run import (build_run_model, check_writable, get_task_for, prepare_run, public_args,
                                  resolve_model_source)
+from vistrain.engine.schedule import first_step_batch, warmup_accumulate, warmup_iterations
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds, select_device
 from vistrain.engine.validator import make_loader, run_validation
 from vistrain.nn.model import set_memory_format
@@ -42,35 +43,6 @@ def find_last_checkpoint(project: str | Path = "runs") -> Path:
     if not candidates:
         raise UserError(f"resume=True: no {project}/TASK/NAME/weights/last.pt found; give resume=path/to/last.pt")
     return candidates[-1]
-
-
-def warmup_iterations(warmup_epochs: float, epochs: int, batches_per_epoch: int) -> int:
-    """Batches of lr / momentum / accumulation warmup, as ultralytics 8.4: ``warmup_epochs`` of them, leaving at
-    least the final epoch without.  (YOLOv5 and ultralytics < 8.4 also warmed up for at least 100 batches: on
-    400 images at batch 16 that is 4 epochs instead of 3.)"""
-    warmup_epochs = min(warmup_epochs, max(epochs - 1, 0))
-    return round(warmup_epochs * batches_per_epoch) if warmup_epochs > 0 else 0
-
-
-def warmup_accumulate(ni: int, warmup_iters: int, nbs: int, batch_size: int) -> int:
-    """Batches per optimizer step at warmup batch ``ni``: ramps from 1 to ``nbs / batch_size``."""
-    return max(1, int(np.interp(ni, [0, warmup_iters], [1, nbs / batch_size]).round()))
-
-
-def first_step_batch(start_epoch: int, epochs: int, batches_per_epoch: int, warmup_iters: int, nbs: int,
-                     batch_size: int, last_opt_step: int = -1) -> int | None:
-    """The run-wide batch index ``ni`` of the first optimizer step the run will take, or None if it takes none.
-
-    Mirrors ``Trainer.train_epoch``: warmup sets the accumulation for ``ni <= warmup_iters``, and a step
-    follows batch ``ni`` when ``ni - last_opt_step >= accumulate``.  Stops at the first step, so it costs at
-    most about ``nbs / batch_size`` iterations."""
-    accumulate = max(round(nbs / batch_size), 1)
-    for ni in range(start_epoch * batches_per_epoch, epochs * batches_per_epoch):
-        if ni <= warmup_iters:
-            accumulate = warmup_accumulate(ni, warmup_iters, nbs, batch_size)
-        if ni - last_opt_step >= accumulate:
-            return ni
-    return None
 
 
 def csv_values(row: dict[str, Any]) -> dict[str, Any]:
