@@ -49,9 +49,31 @@ def _config(mode: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 def train(**kwargs: Any) -> dict[str, Any]:
     """Train a model; returns the final metrics of the best checkpoint and ``save_dir``."""
     cfg = _config("train", kwargs)  # first: it sets the thread policy before torch loads
+    from vistrain.engine import distributed as ddp
     from vistrain.engine.trainer import Trainer
 
+    nproc = ddp.processes_wanted(cfg)
+    if nproc > 1 and ddp.dist_env().world_size == 1:  # device=0,1 or nproc=2: the same keys under torchrun
+        ddp.check_batch(cfg, nproc)
+        return _train_under_torchrun(kwargs, nproc)
     return Trainer(cfg).train()
+
+
+def _train_under_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:
+    """``vistrain train KEYS`` in ``nproc`` processes (torchrun); rank 0's final metrics.  Callbacks cannot travel
+    to the new processes: a script that adds some runs itself under torchrun instead."""
+    import json
+    import tempfile
+
+    from vistrain.engine import distributed as ddp
+    from vistrain.engine.utils import UserError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        status = ddp.launch(["train", *ddp.cli_args(kwargs)], nproc, results_json=out)
+        if status or not out.is_file():
+            raise UserError(f"the DDP run failed (exit status {status}); the failing rank's message is above")
+        return json.loads(out.read_text())
 
 
 def val(**kwargs: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ with status 2; no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 MODES = {
@@ -339,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(cfg["verbose"])
         apply_threads(cfg)  # torch's intra-op threads (key threads)
         if mode == "train":
+            from vistrain.engine import distributed as ddp
             from vistrain.engine.trainer import Trainer
 
+            nproc = ddp.processes_wanted(cfg)
+            if nproc > 1 and ddp.dist_env().world_size == 1:  # this process starts torchrun with the same arguments
+                ddp.check_batch(cfg, nproc)
+                return ddp.launch(argv, nproc)
             Trainer(cfg).train()
         elif mode == "val":
             from vistrain.engine.validator import val
@@ -368,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             data_mode(sub, cfg, fractions)
         return 0
     except (ConfigError, UserError) as e:
-        print(f"vistrain {mode}: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        print(f"vistrain {mode}{'' if rank == '0' else f' [rank {rank}]'}: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full, read-only or forbidden disk while writing results, plots or predictions
         from vistrain.engine.utils import disk_error_message
@@ -378,6 +385,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vistrain {mode}: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # in a DDP run: a collective broken because another process died (its message says why)
+        from vistrain.engine.distributed import peer_failed
+
+        if not peer_failed(e):
+            raise
+        print(f"vistrain {mode} [rank {os.environ.get('RANK')}]: stopped: another process of the run failed",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nvistrain: interrupted; weights/last.pt holds the last finished epoch (resume=True continues)",
               file=sys.stderr)

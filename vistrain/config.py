@@ -33,7 +33,7 @@ NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det", "freeze_epochs", "unfreeze_lr0",
                 "lr_step_gamma"}
 POSITIVE = {"batch", "imgsz", "nc", "epochs", "n", "topk", "mask_ratio", "unfreeze_batch", "opset",
-            "fraction"}  # nbs 0 = the batch
+            "fraction", "nproc"}  # nbs 0 = the batch
 UNIT_INTERVAL = {"split", "fraction", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup",
                  "conf", "iou", "hsv_h", "hsv_s", "hsv_v", "translate", "lr_step_gamma"}
 

@@ -45,24 +45,34 @@ def sample_torch_seed(seed: int, epoch: int, index: int) -> int:
 
 class EpochSampler(torch.utils.data.Sampler):
     """Indices ``0..n-1`` as :class:`SampleKey`, shuffled by a generator seeded with ``seed + epoch``
-    (or in order, ``shuffle=False``).  Call :meth:`set_epoch` before each epoch."""
+    (or in order, ``shuffle=False``).  Call :meth:`set_epoch` before each epoch.
 
-    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0):
+    In a DDP run of ``num_replicas`` processes, rank ``rank`` takes places ``rank, rank + num_replicas, ...`` of
+    that order (padded with its first indices to a multiple of ``num_replicas``, as ``DistributedSampler``), so
+    the ranks' k-th batches of ``batch / num_replicas`` together hold the one-process run's k-th batch."""
+
+    def __init__(self, num_samples: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
         self.num_samples, self.shuffle, self.seed, self.epoch = int(num_samples), shuffle, int(seed), 0
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.num_samples))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=generator).tolist()
+            order = list(range(self.num_samples))
+        else:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.num_replicas > 1 and order:
+            total = len(self) * self.num_replicas
+            order = (order * (total // len(order) + 1))[:total][self.rank::self.num_replicas]
+        return order
 
     def __iter__(self) -> Iterator[SampleKey]:
         epoch = self.epoch
         return iter([SampleKey(i, epoch) for i in self.order()])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)

@@ -1,14 +1,17 @@
 """The training engine, shared by every task: ``train -> epoch -> step`` with callbacks.
 
 The trainer knows nothing of classification or detection: the task plug-in (``vistrain.tasks``)
-supplies datasets, the loss, metrics and plots.  Rank and world size live here (single process
-for now; torchrun/DDP will set them), not in module globals.
+supplies datasets, the loss, metrics and plots.  Rank and world size live here, read from the environment
+torchrun sets (``vistrain.engine.distributed``), not in module globals: in a DDP run every rank trains on its share
+of each batch; rank 0 alone validates, logs, plots, saves and runs the epoch-end callbacks.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -21,6 +24,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from vistrain.engine import distributed as ddp
 from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint, strip_training_state
 from vistrain.engine.freeze import Freezer, check_phase_keys, parse_freeze
 from vistrain.engine.run import (build_run_model, check_writable, get_task_for, prepare_run, public_args,
@@ -28,13 +32,15 @@ from vistrain.engine.run import (build_run_model, check_writable, get_task_for, 
 from vistrain.engine.schedule import first_step_batch, warmup_accumulate, warmup_iterations
 from vistrain.engine.utils import LOGGER, ModelEMA, UserError, de_parallel, init_seeds, select_device
 from vistrain.engine.validator import make_loader, run_validation
+from vistrain.losses.sync import synced
 from vistrain.nn.model import set_memory_format
 from vistrain.utils.threads import apply_threads
 from vistrain.tasks.base import val_batch_size
 
 EVENTS = ("on_train_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_train_end")
+RANK0_EVENTS = ("on_epoch_end", "on_train_end")  # in a DDP run: on rank 0 only, which holds the metrics
 # keys a user may change when resuming; everything else comes from the interrupted run
-RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "workers", "threads", "plots", "verbose")
+RESUME_OVERRIDABLE = ("epochs", "time", "patience", "device", "nproc", "workers", "threads", "plots", "verbose")
 RESULTS_PLOT_EVERY_S = 60.0  # results.png is redrawn after an epoch at most this often (about 1 s a time), and at the end
 
 
@@ -57,7 +63,8 @@ class Trainer:
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         for event, fns in (callbacks or {}).items():
             self.callbacks[event].extend(fns)
-        self.rank, self.world_size = 0, 1
+        self.rank, self.local_rank, self.world_size = ddp.dist_env()
+        self.main = self.rank == 0  # the rank that validates, logs and saves
         self.resume_ckpt = None
         if cfg.get("resume"):
             path = find_last_checkpoint(cfg.get("project") or "runs") if cfg["resume"] is True else Path(cfg["resume"])
@@ -80,6 +87,8 @@ class Trainer:
         self.callbacks[event].append(fn)
 
     def run_callbacks(self, event: str) -> None:
+        if not self.main and event in RANK0_EVENTS:
+            return
         for fn in self.callbacks.get(event, ()):
             fn(self)
 
@@ -88,19 +97,31 @@ class Trainer:
         cfg = self.cfg
         check_phase_keys(cfg)
         self.threads = apply_threads(cfg)
+        if self.world_size > 1:
+            self.setup_distributed()
         init_seeds(cfg["seed"], cfg["deterministic"])
         task_name, model_yaml, ckpt = resolve_model_source(cfg)
         self.task = get_task_for(cfg, task_name)
         if cfg.get("_resume_dir"):  # the folder last.pt is in, wherever the run was moved to
-            self.device, self.save_dir = select_device(cfg.get("device")), Path(cfg["_resume_dir"])
-            check_writable(self.save_dir)
-        else:
-            self.device, self.save_dir = prepare_run(cfg, self.task, "train")
+            self.save_dir = Path(cfg["_resume_dir"])
+            if self.main:
+                check_writable(self.save_dir)
+        elif self.main:
+            _, self.save_dir = prepare_run(cfg, self.task, "train")
+        if self.world_size == 1:
+            self.device = select_device(cfg.get("device"))
+        elif not cfg.get("_resume_dir"):
+            self.save_dir = ddp.broadcast_object(getattr(self, "save_dir", None))  # rank 0 numbered the folder
         self.wdir = self.save_dir / "weights"
-        self.wdir.mkdir(parents=True, exist_ok=True)
-        (self.save_dir / "args.yaml").write_text(yaml.safe_dump(public_args(cfg), sort_keys=False))
+        if self.main:
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "args.yaml").write_text(yaml.safe_dump(public_args(cfg), sort_keys=False))
 
+        if not self.main:
+            ddp.barrier()  # rank 0 scans the data first (and writes the label cache the others then read)
         self.data = self.task.build_data(cfg)
+        if self.main and self.world_size > 1:
+            ddp.barrier()
         for line in self.data.summary:
             LOGGER.info(line)
         self.names = self.data.names
@@ -111,26 +132,51 @@ class Trainer:
         if hasattr(self.task, "setup_model"):  # e.g. detection: autoanchor, the loss's anchors and strides
             self.task.setup_model(self.model, self.data, cfg, train=self.resume_ckpt is None)
         self.setup_phase()
-        if cfg["plots"] and hasattr(self.task, "plot_labels") and not self.resume_ckpt:
+        if self.world_size > 1 and cfg["sync_bn"]:
+            ddp.convert_sync_batchnorm(self.model, self.device)
+        if self.main and cfg["plots"] and hasattr(self.task, "plot_labels") and not self.resume_ckpt:
             self.task.plot_labels(self.data.train, self.names, self.save_dir)
         self.amp = bool(cfg["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         self.train_loader = self.make_train_loader()
         self.val_loader = make_loader(self.data.val, self.task, val_batch_size(cfg, training=True), cfg["workers"],
-                                      shuffle=False, device=self.device)
+                                      shuffle=False, device=self.device) if self.main else None
         self.epochs = cfg["epochs"]
-        self.batch_size = self.train_loader.batch_size
+        self.batch_size = self.train_loader.batch_size * self.world_size  # the whole batch, all ranks together
         self.accumulate = max(round(self.nbs / self.batch_size), 1)
         self.build_schedule()
         self.ema = ModelEMA(self.model) if cfg["ema"] else None
         self.start_epoch, self.best_fitness, self.best_epoch = 0, None, -1
         self.csv = self.save_dir / "results.csv"
         if self.resume_ckpt:
-            self.tidy_resumed_run(self.resume_ckpt)
+            if self.main:
+                self.tidy_resumed_run(self.resume_ckpt)
             self.load_training_state(self.resume_ckpt)
-        elif self.csv.exists():
+        elif self.csv.exists() and self.main:
             self.csv.unlink()
+        self.wrap_ddp()
+
+    def setup_distributed(self) -> None:
+        """Join the torchrun job; check that the batch splits evenly over the ranks; quiet ranks other than 0."""
+        cfg = self.cfg
+        self.device = ddp.init_distributed(cfg.get("device"), ddp.DistEnv(self.rank, self.local_rank,
+                                                                           self.world_size))
+        ddp.check_batch(cfg, self.world_size)
+        if not self.main:
+            LOGGER.setLevel("ERROR")
+        LOGGER.info(f"DDP: {self.world_size} processes ({'NCCL' if self.device.type == 'cuda' else 'gloo'}), "
+                    f"batch {cfg['batch']} = {self.world_size} x {cfg['batch'] // self.world_size}"
+                    + (", SyncBatchNorm" if cfg["sync_bn"] else ""))
+
+    def wrap_ddp(self) -> None:
+        """``self.forward_model``: what a training step calls; DDP around ``self.model`` in a DDP run (built
+        again when phase 2 unfreezes parameters: DDP reduces the gradients of those that train when it is built).
+        Everything else (EMA, freezing, checkpoints) uses ``self.model`` itself."""
+        self.forward_model = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def make_train_loader(self):
         """Shuffled, seeded batches (in order for rectangular batches, whose shapes follow the order); every
@@ -139,7 +185,7 @@ class Trainer:
         batch = cfg["unfreeze_batch"] if self.phase == 2 and cfg.get("unfreeze_batch") else cfg["batch"]
         return make_loader(self.data.train, self.task, batch, cfg["workers"],
                            shuffle=not getattr(self.data.train, "rect", False), seed=cfg["seed"], device=self.device,
-                           epoch_keys=True)
+                           epoch_keys=True, num_replicas=self.world_size, rank=self.rank)
 
     @property
     def nbs(self) -> int:
@@ -201,7 +247,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # (none pending: phase 1 ended with a step)
         if self.cfg.get("unfreeze_batch") and self.cfg["unfreeze_batch"] != self.cfg["batch"]:
             self.train_loader = self.make_train_loader()
-        self.batch_size = self.train_loader.batch_size
+        self.batch_size = self.train_loader.batch_size * self.world_size
+        self.wrap_ddp()
         self.accumulate = max(round(self.nbs / self.batch_size), 1)
         self.build_schedule()
         self.scheduler.last_epoch = self.epoch - 1
@@ -255,6 +302,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
+        try:
+            results = self._train()
+        finally:
+            if self.world_size > 1:
+                ddp.cleanup()
+        out = os.environ.get(ddp.RESULTS_ENV)
+        if out and self.main and self.world_size > 1:  # for vistrain.train(), which started torchrun
+            Path(out).write_text(json.dumps(results, default=str))
+        return results
+
+    def _train(self) -> dict[str, Any]:
         self.setup()
         cfg = self.cfg
         nb = len(self.train_loader)
@@ -288,31 +346,40 @@ class Trainer:
                 self.flush_gradients()  # phase 1's optimizer takes the batches since its last step
             self.epoch_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the lrs this epoch ended with
             self.scheduler.step()
-            val_model = self.ema.ema if self.ema else self.model
-            metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device,
-                                                 self.amp)
-            self.metrics = metrics
-            fitness = metrics.fitness()
-            improved = self.best_fitness is None or fitness > self.best_fitness
-            if improved:
-                self.best_fitness, self.best_epoch = fitness, epoch
-            self.epoch_row = self.results_row(train_losses, metrics, val_losses)
-            self.save_checkpoints(improved)  # before the csv row: results.csv lists only epochs that were saved
-            self.log_epoch(self.epoch_row, metrics, val_losses)
-            self.run_callbacks("on_epoch_end")
-            if cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
-                LOGGER.info(f"early stop: no improvement in the last {cfg['patience']} epochs "
-                            f"(best epoch {self.best_epoch + 1})")
-                self.stop = True
-            if self.time_limit and not self.stop:
-                elapsed = time.time() - self.t_start
-                per_epoch = elapsed / (epoch + 1 - self.start_epoch)
-                if elapsed + per_epoch > self.time_limit:
-                    LOGGER.info(f"time limit: {cfg['time']} h reached after epoch {epoch + 1}")
-                    self.stop = True
+            if self.main:
+                self.end_epoch(train_losses)
+            if self.world_size > 1:
+                self.stop = ddp.broadcast_object(self.stop)  # (the others wait here while rank 0 validates)
             if self.stop:
                 break
+        if not self.main:
+            return {"save_dir": str(self.save_dir), "rank": self.rank}
         return self.final()
+
+    def end_epoch(self, train_losses: torch.Tensor) -> None:
+        """Validate, save, log; decide whether to stop (patience, time)."""
+        cfg, epoch = self.cfg, self.epoch
+        val_model = self.ema.ema if self.ema else self.model
+        metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device, self.amp)
+        self.metrics = metrics
+        fitness = metrics.fitness()
+        improved = self.best_fitness is None or fitness > self.best_fitness
+        if improved:
+            self.best_fitness, self.best_epoch = fitness, epoch
+        self.epoch_row = self.results_row(train_losses, metrics, val_losses)
+        self.save_checkpoints(improved)  # before the csv row: results.csv lists only epochs that were saved
+        self.log_epoch(self.epoch_row, metrics, val_losses)
+        self.run_callbacks("on_epoch_end")
+        if cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
+            LOGGER.info(f"early stop: no improvement in the last {cfg['patience']} epochs "
+                        f"(best epoch {self.best_epoch + 1})")
+            self.stop = True
+        if self.time_limit and not self.stop:
+            elapsed = time.time() - self.t_start
+            per_epoch = elapsed / (epoch + 1 - self.start_epoch)
+            if elapsed + per_epoch > self.time_limit:
+                LOGGER.info(f"time limit: {cfg['time']} h reached after epoch {epoch + 1}")
+                self.stop = True
 
     def train_epoch(self) -> torch.Tensor:
         cfg, nb = self.cfg, len(self.train_loader)
@@ -326,16 +393,16 @@ class Trainer:
         names = " ".join(f"{n:>9}" for n in self.task.loss_names)
         LOGGER.info(f"\n{'Epoch':>10}{'GPU_mem':>10} {names} {'img/s':>9}")
         bar = tqdm(enumerate(self.train_loader), total=nb, dynamic_ncols=True, mininterval=0.5,
-                   bar_format="{l_bar}{bar:10}{r_bar}")
+                   bar_format="{l_bar}{bar:10}{r_bar}", disable=not self.main)
         t0, seen = time.time(), 0
         for i, batch in bar:
             ni = self.ni_base + i + nb * (self.epoch - self.phase_start)  # batches since the run began
             if self.phase == 1 and ni <= self.warmup_iters:
                 self.warmup(ni)
             batch = self.task.preprocess(batch, self.device)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                preds = self.model(batch["img"])
-                loss, items = self.task.loss(preds, batch)
+            with torch.autocast(self.device.type, enabled=self.amp), synced(self.world_size > 1):
+                preds = self.forward_model(batch["img"])
+                loss, items = self.task.loss(preds, batch)  # (DDP: normalised by the whole batch's counts)
             if not self.loss_is_finite(loss):
                 continue
             self.scaler.scale(loss).backward()
@@ -347,20 +414,25 @@ class Trainer:
                 batch_metrics = self.task.train_metrics(preds, batch).float().cpu()
                 self.train_metric_means = (self.train_metric_means * counted + batch_metrics) / (counted + 1)
             counted += 1
-            seen += batch["img"].shape[0]
+            seen += batch["img"].shape[0] * self.world_size
             mem = f"{torch.cuda.memory_reserved() / 2**30:.3g}G" if self.device.type == "cuda" else "0G"
             values = " ".join(f"{float(v):>9.4g}" for v in mean_loss)
             bar.set_description(f"{self.epoch + 1:>4}/{self.epochs:<5}{mem:>10} {values} "
                                 f"{seen / max(time.time() - t0, 1e-9):>9.1f}")
             self.run_callbacks("on_batch_end")
-            if self.time_limit and time.time() - self.t_start > self.time_limit:
+            over_time = bool(self.time_limit) and time.time() - self.t_start > self.time_limit
+            if over_time if self.world_size == 1 else self.time_limit and ddp.any_rank(over_time, self.device):
                 LOGGER.info(f"time limit: {cfg['time']} h reached during epoch {self.epoch + 1}")
                 self.stop = True
                 break
-            if self.epoch == self.start_epoch and i < 3 and cfg["plots"]:
+            if self.epoch == self.start_epoch and i < 3 and cfg["plots"] and self.main:
                 self.task.plot_batch(batch, self.names, self.save_dir / f"train_batch{i}.jpg")
         bar.close()
         self.train_speed = seen / max(time.time() - t0, 1e-9)
+        if self.world_size > 1:  # the whole batch's means (each rank's terms are its share of them)
+            mean_loss = ddp.mean_over_ranks(mean_loss.to(self.device)).cpu()
+            if train_metric_names:
+                self.train_metric_means = ddp.mean_over_ranks(self.train_metric_means.to(self.device)).cpu()
         return mean_loss
 
     def warmup(self, ni: int) -> None:
@@ -397,7 +469,10 @@ class Trainer:
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         """A NaN/inf loss is skipped (no backward, no step) so the weights stay finite; many in a row stop
         the run with a message instead of training on garbage."""
-        if bool(torch.isfinite(loss.detach()).all()):
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.world_size > 1:  # every rank skips the batch, or none: DDP's backward is a collective
+            finite = not ddp.any_rank(not finite, self.device)
+        if finite:
             self.bad_steps = 0
             return True
         self.bad_steps = getattr(self, "bad_steps", 0) + 1

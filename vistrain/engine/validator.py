@@ -47,21 +47,25 @@ def run_validation(model: nn.Module, loader, task, names: list[str], device: tor
 
 
 def make_loader(dataset, task, batch: int, workers: int, shuffle: bool, seed: int = 0, device=None,
-                epoch_keys: bool = False):
+                epoch_keys: bool = False, num_replicas: int = 1, rank: int = 0):
     """A DataLoader with the task's collate, seeded shuffling and persistent workers.
 
     ``epoch_keys`` (training): an :class:`~vistrain.data.sampler.EpochSampler` gives the dataset
     ``SampleKey(index, epoch)``, so each sample and each epoch's order are functions of (seed, epoch, index);
-    call ``loader.sampler.set_epoch(epoch)`` before each epoch."""
+    call ``loader.sampler.set_epoch(epoch)`` before each epoch.  In a DDP run (``num_replicas`` > 1, training only)
+    ``batch`` is the total over the ranks: this rank loads ``batch / num_replicas`` images of its share."""
     from vistrain.data.sampler import EpochSampler
     from vistrain.engine.utils import seed_worker
 
     generator = torch.Generator()
     generator.manual_seed(seed)
-    workers = min(workers, batch) if len(dataset) > batch else min(workers, 1)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed) if epoch_keys else None
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas,
+                           rank=rank) if epoch_keys else None
+    n = len(sampler) if sampler is not None else len(dataset)
+    batch = batch // num_replicas
+    workers = min(workers, batch) if n > batch else min(workers, 1)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=min(batch, max(len(dataset), 1)), shuffle=shuffle and sampler is None,
+        dataset, batch_size=min(batch, max(n, 1)), shuffle=shuffle and sampler is None,
         sampler=sampler, num_workers=workers,
         collate_fn=task.collate_fn, pin_memory=bool(device is not None and device.type == "cuda"),
         persistent_workers=workers > 0, worker_init_fn=seed_worker, generator=generator, drop_last=False)

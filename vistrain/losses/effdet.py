@@ -44,6 +44,7 @@ from typing import Sequence
 
 import torch
 
+from vistrain.losses.sync import batch_total, world
 from vistrain.losses.yolov8 import pad_targets
 from vistrain.ops.boxes import xywh2xyxy
 from vistrain.ops.retina import ASPECT_RATIOS, box_iou, encode_boxes, feature_sizes, flatten_outputs, make_anchors
@@ -175,7 +176,8 @@ class EffDetLoss:
                               self.hyp["force_match"])
         pos_b, pos_n = (match >= 0).nonzero(as_tuple=True)
         pos_m = match[pos_b, pos_n]
-        norm = pos_b.numel() + 1.0
+        w = world()  # DDP step: (positives of the whole batch + 1) / ranks
+        norm = pos_b.numel() + 1.0 if w == 1 else (batch_total(torch.tensor(float(pos_b.numel()))) + 1.0) / w
 
         positive = torch.zeros_like(cls, dtype=torch.bool)
         positive[pos_b, pos_n, gt_cls[pos_b, pos_m].long()] = True
@@ -187,4 +189,4 @@ class EffDetLoss:
         target = encode_boxes(gt_boxes[pos_b, pos_m], anchors[pos_n])
         box_loss = self.box_terms(box[pos_b, pos_n], target) / (norm * 4.0 if self.hyp["coord_mean"] else norm)
         terms = torch.stack((box_loss * self.hyp["box_loss_weight"], cls_loss))
-        return terms.sum() * b, terms.detach()
+        return terms.sum() * b * w, terms.detach()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from vistrain.losses.iou import ciou_xyxy
+from vistrain.losses.sync import batch_total, world
 from vistrain.ops.boxes import xywh2xyxy
 
 # A target is also assigned to the two nearest of its four neighbour cells when its centre lies
@@ -183,7 +184,9 @@ class YOLOv5Loss:
         cls_pw = torch.tensor([self.cls_pw], device=device)
         zero = torch.zeros((), device=device)
         lbox, lobj, lcls = zero, zero, zero
-        for p, t, weight in zip(preds, level_targets, self.balance):
+        w = world()  # DDP step: the box and class terms average over the positives of every rank
+        counts = batch_total(torch.tensor([float(len(t.image)) for t in level_targets], device=device)) / w
+        for p, t, weight, count in zip(preds, level_targets, self.balance, counts):
             p = p.float()
             tobj = torch.zeros(p.shape[:4], device=device)
             if t.image.numel():
@@ -191,13 +194,15 @@ class YOLOv5Loss:
                 pxy = ps[:, :2].sigmoid() * 2 - 0.5
                 pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * t.anchor_wh
                 iou = ciou(torch.cat((pxy, pwh), 1), t.box)
-                lbox = lbox + (1.0 - iou).mean()
+                lbox = lbox + ((1.0 - iou).mean() if w == 1 else (1.0 - iou).sum() / count)
                 tobj[t.image, t.anchor, t.gj, t.gi] = (1.0 - self.gr) + self.gr * iou.detach().clamp(0)
                 if self.nc > 1:
                     tcls = torch.full_like(ps[:, 5:], self.cls_neg)
                     tcls[torch.arange(len(t.cls), device=device), t.cls] = self.cls_pos
-                    lcls = lcls + nn.functional.binary_cross_entropy_with_logits(ps[:, 5:], tcls, pos_weight=cls_pw)
+                    bce = nn.functional.binary_cross_entropy_with_logits(ps[:, 5:], tcls, pos_weight=cls_pw,
+                                                                         reduction="mean" if w == 1 else "sum")
+                    lcls = lcls + (bce if w == 1 else bce / (count * self.nc))
             lobj = lobj + weight * nn.functional.binary_cross_entropy_with_logits(p[..., 4], tobj, pos_weight=obj_pw)
         lbox, lobj, lcls = lbox * self.box_gain, lobj * self.obj_gain, lcls * self.cls_gain
         batch_size = preds[0].shape[0]
-        return (lbox + lobj + lcls) * batch_size, torch.stack((lbox, lobj, lcls)).detach()
+        return (lbox + lobj + lcls) * batch_size * w, torch.stack((lbox, lobj, lcls)).detach()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistrain.losses.iou import ciou_xyxy
+from vistrain.losses.sync import batch_total, world
 from vistrain.losses.tal import Assignment, TaskAlignedAssigner
 from vistrain.ops.boxes import dfl_distances, distances_to_xyxy, flatten_levels, make_anchor_points, xywh2xyxy
 from vistrain.ops.masks import crop_to_boxes
@@ -108,7 +109,7 @@ class DetectLoss:
 
     def detect_terms(self, distri, logits, pred_boxes, points, stride, a: Assignment) -> torch.Tensor:
         """Tensor[3]: box, cls, dfl (gains applied)."""
-        norm = a.scores.sum().clamp(min=1)
+        norm = batch_total(a.scores.sum()).clamp(min=1) / world()  # (the whole batch's, all ranks together)
         cls_loss = F.binary_cross_entropy_with_logits(logits.float(), a.scores, reduction="sum") / norm
         if a.fg.any():
             w = a.scores[a.fg].sum(-1)
@@ -126,7 +127,7 @@ class DetectLoss:
         levels, _ = self.split(preds)
         distri, logits, pred_boxes, points, stride, _, a = self.assign(levels, targets)
         terms = self.detect_terms(distri, logits, pred_boxes, points, stride, a)
-        return terms.sum() * levels[0].shape[0], terms.detach()
+        return terms.sum() * levels[0].shape[0] * world(), terms.detach()
 
 
 class SegmentLoss(DetectLoss):
@@ -153,15 +154,17 @@ class SegmentLoss(DetectLoss):
         levels, (coef, proto) = self.split(preds)
         distri, logits, pred_boxes, points, stride, imgsz, a = self.assign(levels, targets)
         box, cls_, dfl = self.detect_terms(distri, logits, pred_boxes, points, stride, a)
+        positives = batch_total(a.fg.sum()) / world() if world() > 1 else None  # (every rank counts: a collective)
         if a.fg.any() and masks is not None:
-            seg = self.mask_loss(a, coef.transpose(1, 2), proto, masks.to(proto.device), targets, imgsz)
+            seg = self.mask_loss(a, coef.transpose(1, 2), proto, masks.to(proto.device), targets, imgsz, positives)
         else:
             seg = (coef.sum() + proto.sum()) * 0.0
         terms = torch.stack((box, seg * self.gains[0], cls_, dfl))
-        return terms.sum() * levels[0].shape[0], terms.detach()
+        return terms.sum() * levels[0].shape[0] * world(), terms.detach()
 
     def mask_loss(self, a: Assignment, coef: torch.Tensor, proto: torch.Tensor, masks: torch.Tensor,
-                  targets: torch.Tensor, imgsz: torch.Tensor) -> torch.Tensor:
+                  targets: torch.Tensor, imgsz: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask term, averaged over ``positives`` (default: this batch's positive anchor points)."""
         masks = masks.float()
         if tuple(masks.shape[-2:]) != tuple(proto.shape[-2:]):
             proto = F.interpolate(proto, masks.shape[-2:], mode="bilinear", align_corners=False)
@@ -183,4 +186,4 @@ class SegmentLoss(DetectLoss):
             pred = torch.einsum("kc,chw->khw", coef[i][fg].float(), proto[i].float())
             bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none")
             total = total + (crop_to_boxes(bce, mask_boxes[i][fg]).mean((1, 2)) / areas[i][fg]).sum()
-        return total / a.fg.sum()
+        return total / (a.fg.sum() if positives is None else positives)
