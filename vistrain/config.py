@@ -20,12 +20,13 @@ RECIPES_DIR = DEFAULT_CFG_PATH.parent / "recipes"  # cfg=NAME: NAME.yaml here
 NONE_DEFAULT_TYPES: dict[str, type] = {
     "task": str, "model": str, "data": str, "nc": int, "pretrained": str, "time": float,
     "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str, "box": float,
-    "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float, "opset": int,
+    "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float, "opset": int, "cache": str,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
     "optimizer": ("auto", "SGD", "Adam", "AdamW"),
     "format": ("onnx", "torchscript", "openvino"),
+    "cache": ("ram", "disk", "true", "false"),
 }
 NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf", "weight_decay", "warmup_epochs",
                 "nbs", "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",

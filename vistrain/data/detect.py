@@ -138,11 +138,26 @@ class DetectDataset(Dataset):
             return out
         return self._decode(i)
 
+    def cache_images(self, mode: str | None, split: str, workers: int = 2) -> None:
+        """``cache=ram|disk`` (:mod:`vistrain.data.cache`): decode and resize every image once, now."""
+        from vistrain.data.cache import ImageCache
+
+        if mode:
+            self.cache = ImageCache(mode, [it.im_file for it in self.items], [it.shape for it in self.items],
+                                    self.imgsz, split, lambda i: self._resized(i), workers)
+
+    def _resized(self, i: int) -> np.ndarray:
+        """Image ``i`` with its long side at ``imgsz`` (what ``cache=`` keeps)."""
+        cache = getattr(self, "cache", None)
+        img = cache.get(i) if cache is not None else None
+        if img is None:
+            img = A.load_resized(load_rgb_array(self.items[i].im_file), self.imgsz)[0]
+        return img
+
     def _decode(self, i: int) -> tuple[np.ndarray, A.Instances, tuple[int, int]]:
         it = self.items[i]
-        img = load_rgb_array(it.im_file)
-        h0, w0 = img.shape[:2]
-        img, scale = A.load_resized(img, self.imgsz)
+        img = self._resized(i)
+        h0, w0 = it.shape  # (the verified image size, EXIF rotation applied)
         h, w = img.shape[:2]
         boxes = _xywhn_to_xyxy(it.boxes, w, h)
         segments = [s * np.array([w, h], dtype=np.float32) for s in it.segments if len(s)]

@@ -56,6 +56,19 @@ def csv_values(row: dict[str, Any]) -> dict[str, Any]:
     return {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
 
 
+class NotValidated:
+    """The metrics of an epoch that ``val=False`` did not validate: the task's metric names, NaN values."""
+
+    def __init__(self, empty):
+        self.names = list(empty.results())
+
+    def results(self) -> dict[str, float]:
+        return {k: float("nan") for k in self.names}
+
+    def fitness(self) -> float:
+        return float("nan")
+
+
 class Trainer:
     """``Trainer(cfg).train()`` trains, validates each epoch, checkpoints, and returns final metrics."""
 
@@ -357,29 +370,40 @@ class Trainer:
         return self.final()
 
     def end_epoch(self, train_losses: torch.Tensor) -> None:
-        """Validate, save, log; decide whether to stop (patience, time)."""
+        """Validate (with ``val=False`` only after the last epoch), save, log; decide whether to stop (patience,
+        time)."""
         cfg, epoch = self.cfg, self.epoch
-        val_model = self.ema.ema if self.ema else self.model
-        metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device, self.amp)
+        validate = cfg.get("val", True) or self.stop or epoch + 1 == self.epochs or self.time_runs_out()
+        if validate:
+            val_model = self.ema.ema if self.ema else self.model
+            metrics, val_losses = run_validation(val_model, self.val_loader, self.task, self.names, self.device,
+                                                 self.amp)
+        else:  # the row keeps its columns, without values
+            metrics = NotValidated(self.task.new_metrics(self.names))
+            val_losses = torch.full((len(self.task.loss_names),), float("nan"))
         self.metrics = metrics
         fitness = metrics.fitness()
-        improved = self.best_fitness is None or fitness > self.best_fitness
+        improved = validate and (self.best_fitness is None or fitness > self.best_fitness)
         if improved:
             self.best_fitness, self.best_epoch = fitness, epoch
         self.epoch_row = self.results_row(train_losses, metrics, val_losses)
         self.save_checkpoints(improved)  # before the csv row: results.csv lists only epochs that were saved
         self.log_epoch(self.epoch_row, metrics, val_losses)
         self.run_callbacks("on_epoch_end")
-        if cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
+        if validate and cfg["patience"] and epoch - self.best_epoch >= cfg["patience"]:
             LOGGER.info(f"early stop: no improvement in the last {cfg['patience']} epochs "
                         f"(best epoch {self.best_epoch + 1})")
             self.stop = True
-        if self.time_limit and not self.stop:
-            elapsed = time.time() - self.t_start
-            per_epoch = elapsed / (epoch + 1 - self.start_epoch)
-            if elapsed + per_epoch > self.time_limit:
-                LOGGER.info(f"time limit: {cfg['time']} h reached after epoch {epoch + 1}")
-                self.stop = True
+        if not self.stop and self.time_runs_out():
+            LOGGER.info(f"time limit: {cfg['time']} h reached after epoch {epoch + 1}")
+            self.stop = True
+
+    def time_runs_out(self) -> bool:
+        """Whether another epoch as long as the average so far would pass the ``time`` limit."""
+        if not self.time_limit:
+            return False
+        elapsed = time.time() - self.t_start
+        return elapsed + elapsed / (self.epoch + 1 - self.start_epoch) > self.time_limit
 
     def train_epoch(self) -> torch.Tensor:
         cfg, nb = self.cfg, len(self.train_loader)
@@ -524,7 +548,9 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(csv_values(row))
         vloss = "  ".join(f"{n} {float(v):.4g}" for n, v in zip(self.task.loss_names, val_losses))
-        if hasattr(metrics, "summary_lines"):  # detect / segment: the header and the 'all' row of val's table
+        if isinstance(metrics, NotValidated):
+            LOGGER.info(f"{'val':>10}  val=False: after the last epoch  ({self.train_speed:.1f} img/s train)")
+        elif hasattr(metrics, "summary_lines"):  # detect / segment: the header and the 'all' row of val's table
             for line in metrics.summary_lines(per_class=False):
                 LOGGER.info(line)
             LOGGER.info(f"{'val loss':>22}  {vloss}  ({self.train_speed:.1f} img/s train)")

@@ -87,6 +87,15 @@ def _first_images(preds, n: int):
     return type(preds)(_first_images(p, n) for p in preds)
 
 
+def one_class(items: list, cfg: dict) -> bool:
+    """``single_cls=True``: every object of ``items`` becomes class 0 (in place); returns whether it applied."""
+    if not cfg.get("single_cls"):
+        return False
+    for item in items:
+        item.cls = np.zeros_like(item.cls)
+    return True
+
+
 class DetectTask:
     name = "detect"
     builtin_folder = "detect"  # the built-in synthetic dataset's subfolder for this task
@@ -178,14 +187,24 @@ class DetectTask:
             labels, line = self.scan(data, "train", cfg["workers"])
             items, lines = take_fraction(labels.items, cfg.get("fraction", 1.0))
             summary += [line, *lines]
+            one_class(items, cfg)
             train = DetectDataset(items, cfg["imgsz"], augment=bool(cfg.get("augment", True)), hyp=hyp,
                                   rect=bool(cfg.get("rect")), batch_size=cfg["batch"], seed=cfg["seed"],
                                   mosaic_buffer=bool(cfg.get("mosaic_buffer")), **self.dataset_options(cfg))
         val_labels, line = self.scan(data, "val", cfg["workers"])
         summary.append(line)
+        names = list(data["names"])
+        if one_class(val_labels.items, cfg):
+            summary.append(f"single_cls: the {len(names)} classes train and validate as one, 'item'")
+            names = ["item"]
         val = DetectDataset(val_labels.items, cfg["imgsz"], augment=False, hyp=hyp, rect=True,
                             batch_size=val_batch_size(cfg, need_train), **self.dataset_options(cfg))
-        return DataBundle(train, val, list(data["names"]), summary, source=data["yaml_file"])
+        from vistrain.data.cache import cache_mode
+
+        for split, ds in (("train", train), ("val", val)):  # cache=ram|disk: decoded and resized once
+            if ds is not None and cache_mode(cfg.get("cache")):
+                ds.cache_images(cache_mode(cfg.get("cache")), split, cfg["workers"])
+        return DataBundle(train, val, names, summary, source=data["yaml_file"])
 
     def dataset_options(self, cfg: dict) -> dict:
         """Extra ``DetectDataset`` arguments of the task (segmentation: masks)."""
