@@ -297,3 +297,11 @@ def test_loss_normalisers_are_the_whole_batchs(tmp_path):
     assert set(result) == {"yolov5", "yolov8", "yolov8-seg", "effdet"}
     for name, rel in result.items():
         assert rel < 1e-5, (name, rel)
+
+
+def test_gpus_that_do_not_exist_are_one_line_before_anything_starts(tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    proc = vistrain("model=yolov5n-cls", "device=0,1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("vistrain train: device=0,1: ")

@@ -1,4 +1,4 @@
-"""The peers' pickled weight files, read safely: an ultralytics ``.pt`` (YOLOv8 detect and segment) and a yolov5
+"""The peers' pickled weight files, read safely: an ultralytics ``.pt`` (YOLOv8 detect, segment, classify) and a yolov5
 ``.pt``, made by the oracle packages (random init), load with those packages unimportable and give the peer's raw
 outputs; ``vistrain convert`` writes a vistrain checkpoint; files that would call anything else are refused and
 run nothing."""
@@ -71,6 +71,28 @@ def test_ultralytics_file_loads_without_ultralytics_and_gives_its_outputs(name, 
     ckpt = torch.load(out, weights_only=True)  # a plain vistrain checkpoint: no pickled objects
     assert ckpt["task"] == model.task and ckpt["converted_from"]["package"] == "ultralytics"
     assert vistrain.predict(out, torch.rand(3, 96, 128), conf=0.5)[0].orig_shape == (96, 128)
+
+
+def test_ultralytics_classifier_file_loads_without_ultralytics(ultralytics_home, tmp_path, monkeypatch):
+    """A yolov8n-cls file: its probabilities (eval) and logits (train mode, BatchNorm on batch statistics)."""
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    path = tmp_path / "yolov8n-cls.pt"
+    YOLO("yolov8n-cls.yaml").save(str(path))
+    theirs = YOLO(str(path)).model.float()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        probs = theirs.eval()(x)
+        logits = theirs.train()(x)
+    probs = probs[0] if isinstance(probs, (tuple, list)) else probs
+    unimportable(monkeypatch, "ultralytics")
+    model = vistrain.Model(path)
+    assert model.task == "classify" and len(model.names) == 1000
+    net = model.model
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x).softmax(1), probs, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(net.train()(x), logits, rtol=1e-4, atol=1e-5)
 
 
 def test_yolov5_file_loads_without_yolov5_and_gives_its_outputs(tmp_path, monkeypatch, request):

@@ -28,6 +28,17 @@ def test_builtin_list_complete():
         assert name in ALL
 
 
+# ultralytics' YOLOv8 classifiers at 1000 classes (its model summary)
+YOLOV8_CLS_PARAMS = {"n": 2_719_288, "s": 6_361_736, "m": 17_053_336, "l": 37_480_744, "x": 57_422_840}
+
+
+@pytest.mark.parametrize("scale", list(YOLOV8_CLS_PARAMS))
+def test_yolov8_classifier_parameter_counts(scale):
+    with torch.device("meta"):  # (counts only: no memory, no init time)
+        model = build_model(f"yolov8{scale}-cls", num_classes=1000)
+    assert n_params(model) == YOLOV8_CLS_PARAMS[scale]
+
+
 def shapes(out):
     """Nested shapes of a model output: a tensor's shape, or a list of the shapes of a list / tuple."""
     return tuple(out.shape) if isinstance(out, torch.Tensor) else [shapes(o) for o in out]

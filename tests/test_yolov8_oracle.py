@@ -1,4 +1,4 @@
-"""YOLOv8 detect / segment against ultralytics (a test oracle only: vistrain never imports it).
+"""YOLOv8 detect / segment / classify against ultralytics (a test oracle only: vistrain never imports it).
 
 ultralytics builds its own model from its own YAML of the same name, offline (``YOLO_OFFLINE=1``,
 random init, its settings folder in a temp dir).  Its state_dict is loaded into vistrain's model with
@@ -181,3 +181,25 @@ def test_warmup_iterations_equal_ultralytics(ultralytics_home, warmup_epochs, ep
 
     peer = types.SimpleNamespace(args=types.SimpleNamespace(warmup_epochs=warmup_epochs), epochs=epochs)
     assert warmup_iterations(warmup_epochs, epochs, nb) == BaseTrainer._get_warmup_iterations(peer, nb)
+
+
+@pytest.mark.parametrize("name", ["yolov8n-cls", "yolov8s-cls"])
+def test_classifier_equals_ultralytics(ultralytics_home, name):
+    """yolov8n-cls ...: the same state_dict keys and shapes (ultralytics' loads strictly), the same logits in train
+    mode and, in eval mode, ultralytics' softmax of them (its Classify head returns probabilities there)."""
+    from ultralytics.nn.tasks import ClassificationModel
+
+    theirs = ClassificationModel(f"{name}.yaml", nc=10, verbose=False)
+    ours = vistrain.build_model(name, num_classes=10)
+    assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 64)
+    theirs.train(), ours.train()
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        probs = theirs(x)
+        probs = probs[0] if isinstance(probs, (tuple, list)) else probs
+        assert torch.allclose(ours(x).softmax(1), probs, atol=1e-6)

@@ -76,6 +76,15 @@ def _train_under_torchrun(kwargs: dict[str, Any], nproc: int) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+def tune(**kwargs: Any) -> dict[str, Any]:
+    """Search training hyperparameters on Ray Tune (``vistrain[tune]``); returns the tune folder, the best keys and
+    fitness, and every trial's row."""
+    cfg = _config("tune", kwargs)
+    from vistrain.engine.tune import tune as run_tune
+
+    return run_tune(cfg)
+
+
 def val(**kwargs: Any) -> dict[str, Any]:
     """Validate a checkpoint on the validation split of ``data`` (default: the data it trained on)."""
     cfg = _config("val", kwargs)

@@ -22,6 +22,8 @@ MODES = {
             "seed=0)",
     "compare": "train several models on the same data and compare them in one table (vistrain compare data=DIR "
                "models=yolov5n,yolov8n,efficientdet-d0 epochs=30)",
+    "tune": "search training hyperparameters on Ray Tune (vistrain tune model=yolov8n data=data.yaml epochs=30 "
+            "iterations=50; pip install 'vistrain[tune]')",
     "convert": "a peer's weight file (ultralytics, yolov5) to a vistrain checkpoint, read without running its code "
                "(vistrain convert yolov8n.pt yolov8n-vistrain.pt)",
     "version": "print vistrain's version",
@@ -175,6 +177,16 @@ def summary(cfg: dict) -> None:
         raise UserError(f"model={cfg['model']}: {str(e).splitlines()[0]}") from None
     print(f"{cfg['model']} at {imgsz} x {imgsz}:")
     print(summarize(model, imgsz=imgsz).table())
+    if cfg.get("profile"):  # per-layer time and GFLOPs on this device
+        import torch
+
+        from vistrain.engine.utils import select_device
+        from vistrain.utils.layers import profile_layers, profile_table
+
+        device = select_device(cfg.get("device"))
+        x = torch.zeros(1, 3, imgsz, imgsz, device=device)
+        print(f"\nprofile: batch 1 on {device}, median of 3 passes")
+        print("\n".join(profile_table(profile_layers(model.to(device).eval(), x))))
 
 
 TASKS = ("classify", "detect", "segment")
@@ -366,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(cfg)
         elif mode == "summary":
             summary(cfg)
+        elif mode == "tune":
+            from vistrain.engine.tune import tune
+
+            tune(cfg)
         elif mode == "compare":
             from vistrain.engine.compare import compare
 

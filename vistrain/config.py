@@ -21,6 +21,7 @@ NONE_DEFAULT_TYPES: dict[str, type] = {
     "task": str, "model": str, "data": str, "nc": int, "pretrained": str, "time": float,
     "device": str, "name": str, "source": str, "conf": float, "iou": float, "classes": str, "box": float,
     "cfg": str, "freeze": str, "unfreeze_batch": int, "unfreeze_lr0": float, "opset": int, "cache": str,
+    "space": str, "gpu_per_trial": float, "address": str, "visualize": str, "embed": str,
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "detect", "segment"),
@@ -32,9 +33,9 @@ NON_NEGATIVE = {"epochs", "patience", "batch", "workers", "threads", "lr0", "lrf
                 "nbs", "clip_grad", "label_smoothing", "dropout", "fliplr", "hsv", "time", "nc", "imgsz", "n", "topk",
                 "box", "obj", "cls", "dfl", "anchor_t", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear",
                 "perspective", "mosaic", "mixup", "close_mosaic", "max_det", "freeze_epochs", "unfreeze_lr0",
-                "lr_step_gamma"}
+                "lr_step_gamma", "gpu_per_trial"}
 POSITIVE = {"batch", "imgsz", "nc", "epochs", "n", "topk", "mask_ratio", "unfreeze_batch", "opset",
-            "fraction", "nproc"}  # nbs 0 = the batch
+            "fraction", "nproc", "iterations", "cpu_per_trial"}  # nbs 0 = the batch
 UNIT_INTERVAL = {"split", "fraction", "fliplr", "dropout", "label_smoothing", "lrf", "flipud", "mosaic", "mixup",
                  "conf", "iou", "hsv_h", "hsv_s", "hsv_v", "translate", "lr_step_gamma"}
 

@@ -129,6 +129,14 @@ class Model:
 
     __call__ = predict
 
+    def embed(self, source: Any, layers: Any = None, **kwargs: Any) -> "torch.Tensor":
+        """``Tensor[N, D]``: each image's embedding, the outputs of ``layers`` (indices or names; default the layer
+        before the head) global-average-pooled and concatenated (predict's ``embed=``)."""
+        import torch
+
+        results = self.predict(source, embed=True if layers is None else layers, **kwargs)
+        return torch.stack([r.embedding for r in results])
+
     def export(self, **kwargs: Any) -> Path:
         import vistrain
 

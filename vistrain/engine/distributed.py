@@ -192,7 +192,15 @@ def processes_wanted(cfg: dict) -> int:
 
 
 def check_batch(cfg: dict, nproc: int) -> None:
-    """``batch`` (and ``unfreeze_batch``) is the total over the processes: it must split evenly."""
+    """``batch`` (and ``unfreeze_batch``) is the total over the processes: it must split evenly; the GPUs of
+    ``device=0,1`` must exist (checked before any process starts)."""
+    for i in device_ids(cfg.get("device")):
+        if not torch.cuda.is_available():
+            raise UserError(f"device={cfg['device']}: CUDA is not available on this machine; use device=cpu "
+                            f"(nproc=N for N CPU processes)")
+        if i >= torch.cuda.device_count():
+            raise UserError(f"device={cfg['device']}: GPU {i} does not exist; this machine has "
+                            f"{torch.cuda.device_count()} (0..{torch.cuda.device_count() - 1})")
     for key in ("batch", "unfreeze_batch"):
         if nproc > 1 and cfg.get(key) and cfg[key] % nproc:
             near = cfg[key] // nproc * nproc or nproc

@@ -158,6 +158,8 @@ def peer_checkpoint(path: str | Path) -> dict:
     names = list(names) if names else [str(i) for i in range(nc)]
     task = peer_task(kind, yaml_dict, path)
     model_yaml = vistrain_yaml(yaml_dict, task, path)
+    if kind == "ultralytics.nn.tasks.ClassificationModel" and "batchnorm" not in model_yaml:
+        model_yaml["batchnorm"] = {"eps": 1e-5, "momentum": 0.1}  # its classifiers keep torch's BatchNorm defaults
     state = inert_state_dict(net)
     args = obj.get("train_args") or obj.get("opt") or {}
     imgsz = args.get("imgsz") if isinstance(args, dict) else None

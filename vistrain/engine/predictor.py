@@ -223,7 +223,8 @@ def _predict(cfg: dict, prepared: tuple | None = None):
         cfg["imgsz"] = ckpt["imgsz"]
     names = list(ckpt.get("names") or [str(i) for i in range(ckpt["model_yaml"].get("nc", 0))])
     save = bool(cfg["save"])
-    save_dir = prepare_run(cfg, task, default_name="predict")[1] if save else None
+    inspect = Inspection(cfg, model)  # visualize= / embed= / profile=
+    save_dir = prepare_run(cfg, task, default_name="predict")[1] if save or inspect.visualize else None
     stride = task.predict_stride(model)
     kept: list[Result] = []  # for the prediction files (save)
     skipped: list[str] = []
@@ -234,10 +235,13 @@ def _predict(cfg: dict, prepared: tuple | None = None):
             inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"], stride) for f in frames))
             if len({x.shape for x in inputs}) > 1:  # rectangles of different shapes: square, so they stack
                 inputs, metas = zip(*(task.predict_preprocess(f.image, cfg["imgsz"]) for f in frames))
-            with torch.no_grad():
-                outputs = task.predict_postprocess(model(torch.stack(inputs).to(device)), cfg, list(metas))
-            for f, out in zip(frames, outputs):
+            x = torch.stack(inputs).to(device)
+            with torch.no_grad(), inspect.capture() as layer_outputs:
+                outputs = task.predict_postprocess(model(x), cfg, list(metas))
+            inspect.profile_once(x)
+            for b, (f, out) in enumerate(zip(frames, outputs)):
                 r = task.make_result(str(f.path), names, f.image, out)
+                inspect.apply(r, layer_outputs, b, f, save_dir)
                 if f.index is not None:
                     r.extra["frame"] = f.index
                 count += 1
@@ -264,6 +268,58 @@ def _predict(cfg: dict, prepared: tuple | None = None):
         task.write_predictions(kept, save_dir, cfg)
     LOGGER.info(f"{count} images predicted" + (f", {len(skipped)} unreadable skipped" if skipped else "")
                 + (f". Results saved to {save_dir}" if save else ""))
+
+
+class Inspection:
+    """predict's ``visualize`` (feature maps of the chosen layers, one PNG per layer and image), ``embed`` (the
+    chosen layers' outputs pooled into ``Result.embedding``) and ``profile`` (a per-layer time and GFLOPs table,
+    once, on the first batch): forward hooks around the model (``vistrain.utils.layers``), its outputs unchanged."""
+
+    def __init__(self, cfg: dict, model):
+        from vistrain.utils import layers as L
+
+        self.visualize = self.embed = None
+        self.profile = bool(cfg.get("profile"))
+        if not (self.profile or any(str(cfg.get(k) or "").strip().lower() not in ("", "false", "none")
+                                    for k in ("visualize", "embed"))):
+            return
+        if getattr(model, "exported", False):
+            raise UserError(f"visualize, embed and profile look inside the network: give a .pt checkpoint, not the "
+                            f"exported {cfg.get('model')}")
+        self.model, self.layers = model, L.model_layers(model)
+        self.visualize = L.parse_layers(cfg.get("visualize"), self.layers, "visualize")
+        spec = cfg.get("embed")
+        if str(spec).strip().lower() in ("true", "default"):
+            self.embed = [L.default_embed_layer(self.layers)]
+        else:
+            self.embed = L.parse_layers(spec, self.layers, "embed")
+
+    def capture(self):
+        from contextlib import nullcontext
+
+        from vistrain.utils import layers as L
+
+        wanted = sorted(set(self.visualize or []) | set(self.embed or []))
+        return L.capture(self.model, wanted) if wanted else nullcontext({})
+
+    def apply(self, r: Result, outputs: dict, b: int, frame, save_dir: Path | None) -> None:
+        from vistrain.utils import layers as L
+
+        if self.embed:
+            r.embedding = torch.cat([L.pooled(outputs[k])[b] for k in self.embed]).cpu()
+        if self.visualize and save_dir is not None:
+            r.extra["feature_maps"] = [str(p) for p in L.save_feature_maps(outputs, self.layers, b, frame.name,
+                                                                            save_dir)]
+
+    def profile_once(self, x: torch.Tensor) -> None:
+        from vistrain.utils import layers as L
+
+        if self.profile:
+            self.profile = False
+            prof = L.profile_layers(self.model, x)
+            LOGGER.info(f"profile: batch {tuple(x.shape)} on {x.device}, median of 3 passes")
+            for line in L.profile_table(prof):
+                LOGGER.info(line)
 
 
 def inference_model(model, task, cfg: dict, device):

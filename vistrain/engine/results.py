@@ -139,7 +139,8 @@ class Probs(_Data):
 class Result:
     """Prediction for one image: ``probs`` (classify), ``boxes`` (detect, segment), ``masks`` (segment), the
     ``path`` it came from (a made-up ``imageN.jpg`` for in-memory images), ``orig_shape`` (h, w), ``names``;
-    ``orig_img`` the RGB PIL image; ``extra``: ``frame`` (video frame number), ``save_dir``."""
+    ``orig_img`` the RGB PIL image; ``extra``: ``frame`` (video frame number), ``save_dir``, ``feature_maps``;
+    ``embedding`` (with ``embed=``)."""
 
     path: str
     names: list[str]
@@ -149,6 +150,7 @@ class Result:
     masks: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     orig_img: Any = field(default=None, repr=False)
+    embedding: Any = None  # predict embed=: the chosen layers' outputs, pooled and concatenated (Tensor[D])
 
     def __post_init__(self):
         wrap = {"probs": Probs, "boxes": Boxes, "masks": Masks}

@@ -215,6 +215,9 @@ class Trainer:
                 iterations = math.ceil(len(self.data.train) / max(batch, cfg["nbs"] or batch)) * self.epochs
                 lr_fit = round(0.002 * 5 / (4 + len(self.names)), 6)
                 name, lr, momentum = ("SGD", 0.01, 0.9) if iterations > 10000 else ("AdamW", lr_fit, 0.9)
+                given = set(cfg.get("_user_keys", ()))  # an lr0 / momentum given (or sampled by tune) is kept
+                lr, momentum = (cfg["lr0"] if "lr0" in given else lr), (cfg["momentum"] if "momentum" in given
+                                                                          else momentum)
                 self.cfg["warmup_bias_lr"] = 0.0 if name == "AdamW" else cfg["warmup_bias_lr"]
                 LOGGER.info(f"optimizer=auto: {name} lr0={lr} momentum={momentum} ({iterations} iterations)")
             self._optimizer_choice = (name, lr, momentum)

@@ -34,6 +34,11 @@ class YAMLModel(nn.Module):
         self.yaml = cfg
         self.model, self.save = parse_model(cfg, in_channels=in_channels, imgsz=cfg.get("imgsz"))
         self.task = cfg.get("task") or infer_task(cfg)
+        norm = cfg.get("batchnorm")  # {eps, momentum} of every BatchNorm (default: the Conv module's 1e-3, 0.03)
+        if norm:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eps, m.momentum = float(norm.get("eps", m.eps)), float(norm.get("momentum", m.momentum))
         head = self.model[-1]
         if isinstance(head, Detect):
             self._init_detect(head, in_channels)

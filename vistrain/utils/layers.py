@@ -1,0 +1,260 @@
+"""Seeing inside a model without changing it: its layers as a user counts them, and forward hooks around them that
+keep their outputs (feature maps, embeddings) or time them (profile).  ``model(x)`` returns what it always does.
+
+The layers: a YAML model's rows (``0 .. N``, ultralytics' indices); other models' top-level parts, with the stage
+containers opened (ResNet ``conv1 ... layer4, avgpool, fc``; EfficientNet ``conv_stem, bn1, blocks.0 ... blocks.6,
+...``; EfficientDet ``backbone.*, fpn.cell.0 ..., class_net, box_net``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from vistrain.engine.utils import UserError
+
+OPEN = ("backbone", "fpn", "blocks", "cell")  # containers listed by their parts
+SKIP_DEFAULT = (nn.Dropout, nn.Identity, nn.Flatten)  # never the default embedding layer
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network itself: inside ``InferenceModel`` (predict's model + decode) and DDP."""
+    while hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    inner = getattr(model, "model", None)
+    if type(model).__name__ == "InferenceModel" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def model_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(name, type, module)`` of each layer, in model order."""
+    net = unwrap(model)
+    rows = getattr(net, "model", None)
+    if isinstance(rows, nn.Sequential) and all(hasattr(m, "f") for m in rows):  # a YAML model
+        return [(str(i), str(getattr(m, "type", type(m).__name__)).split(".")[-1], m) for i, m in enumerate(rows)]
+    out: list[tuple[str, str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module, depth: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if depth < 3 and name in OPEN and len(list(child.children())) > 0:
+                walk(full + ".", child, depth + 1)
+            elif not isinstance(child, nn.ModuleDict):  # (BiFPN's resampling table: its members run inside cells)
+                out.append((full, type(child).__name__, child))
+
+    walk("", net, 0)
+    return out
+
+
+def head_start(layers: list[tuple[str, str, nn.Module]]) -> int:
+    """Index of the first head layer: a YAML model's last row; ResNet ``fc``, EfficientNet ``classifier``,
+    EfficientDet ``class_net``."""
+    for k, (name, _, _) in enumerate(layers):
+        if name in ("fc", "classifier", "class_net", "head"):
+            return k
+    return len(layers) - 1
+
+
+def parse_layers(spec: Any, layers: list[tuple[str, str, nn.Module]], key: str) -> list[int] | None:
+    """``True`` / ``all`` -> every layer; ``4,6,9`` (indices or names) -> those; empty / false -> None."""
+    if spec is None or spec is False or str(spec).strip().lower() in ("", "false", "none", "0"):
+        return None
+    if spec is True or str(spec).strip().lower() in ("true", "all"):
+        return list(range(len(layers)))
+    names = {name: k for k, (name, _, _) in enumerate(layers)}
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).strip("[]() ").split(",")
+    out = []
+    for item in items:
+        s = str(item).strip()
+        k = names.get(s, int(s) if s.lstrip("-").isdigit() else None)
+        if k is not None and k < 0:
+            k += len(layers)
+        if k is None or not 0 <= k < len(layers):
+            shown = ", ".join(n for n, _, _ in layers[:8]) + (" ..." if len(layers) > 8 else "")
+            raise UserError(f"{key}={spec}: no layer {s!r}; the model has layers 0..{len(layers) - 1} ({shown}; "
+                            f"`vistrain summary` lists them)")
+        out.append(k)
+    return sorted(set(out))
+
+
+def tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a layer's output (a tensor, or lists / tuples / dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in tensors(o)]
+    return []
+
+
+@contextmanager
+def capture(model: nn.Module, indices: list[int]) -> Iterator[dict[int, Any]]:
+    """Inside, each forward pass stores layer ``k``'s output (detached) in the yielded dict under ``k``."""
+    layers = model_layers(model)
+    store: dict[int, Any] = {}
+
+    def hook_for(k: int):
+        def hook(_module, _inp, out):
+            store[k] = out
+        return hook
+
+    handles = [layers[k][2].register_forward_hook(hook_for(k)) for k in indices]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pooled(out: Any) -> torch.Tensor:
+    """A layer's output as ``Tensor[B, D]``: each tensor global-average-pooled over its spatial axes, concatenated."""
+    parts = []
+    for t in tensors(out):
+        t = t.detach().float()
+        parts.append(t.flatten(2).mean(2) if t.ndim > 2 else t.reshape(t.shape[0], -1))
+    return torch.cat(parts, 1)
+
+
+def default_embed_layer(layers: list[tuple[str, str, nn.Module]]) -> int:
+    """The layer before the head (skipping dropout and identities), as ultralytics' ``embed`` default."""
+    k = head_start(layers) - 1
+    while k > 0 and isinstance(layers[k][2], SKIP_DEFAULT):
+        k -= 1
+    return max(k, 0)
+
+
+def feature_grid(fmap: torch.Tensor, title: str, path: Path, n: int = 32) -> None:
+    """The first ``n`` channels of ``fmap (Tensor[C, H, W])`` as a grid of images (8 per row), each scaled to its
+    own range, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = min(n, fmap.shape[0])
+    cols = min(8, c)
+    rows = -(-c // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.4 + 0.4), squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if j < c:
+            ax.imshow(fmap[j].float().cpu().numpy(), cmap="viridis")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_feature_maps(outputs: dict[int, Any], layers: list[tuple[str, str, nn.Module]], b: int, stem: str,
+                      save_dir: Path) -> list[Path]:
+    """Image ``b``'s feature maps of every captured layer: ``STEM_stageK_MODULE_features.png`` per layer with a
+    spatial output (the first such tensor of a layer with several outputs)."""
+    written = []
+    for k in sorted(outputs):
+        maps = [t for t in tensors(outputs[k]) if t.ndim == 4 and t.shape[2] > 1 and t.shape[3] > 1]
+        if not maps:
+            continue
+        name, kind, _ = layers[k]
+        fmap = maps[0][b]
+        path = save_dir / f"{stem}_stage{k}_{kind}_features.png"
+        feature_grid(fmap, f"{stem}: layer {name} {kind}, {tuple(fmap.shape)}, first {min(32, fmap.shape[0])} "
+                           f"channels", path)
+        written.append(path)
+    return written
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def layer_gflops(model: nn.Module, x: torch.Tensor) -> tuple[list[float], float]:
+    """GFLOPs of each layer and of the whole model for input ``x`` (torch's FlopCounterMode: 2 per multiply-add),
+    counted as ``summary`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = unwrap(model)
+    layers = model_layers(net)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    counts = counter.get_flop_counts()
+    root = type(net).__name__
+    per = [sum(counts.get(f"{root}.{_fqn(net, m)}", {}).values()) / 1e9 for _, _, m in layers]
+    return per, sum(counts.get("Global", {}).values()) / 1e9
+
+
+def _fqn(net: nn.Module, module: nn.Module) -> str:
+    for name, m in net.named_modules():
+        if m is module:
+            return name
+    return ""
+
+
+def profile_layers(model: nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str, Any]:
+    """Time each layer (median of ``runs`` forward passes after one warm-up) with hooks before and after it, and
+    the whole forward pass measured the same way; GFLOPs per layer.  Returns ``{"rows": [...], "total_ms",
+    "layers_ms", "gflops"}``, each row ``(index, name, type, ms, share of time, GFLOPs, share of GFLOPs)``."""
+    net = unwrap(model)
+    layers = model_layers(net)
+    device = x.device
+    times: list[list[float]] = [[] for _ in layers]
+    start: dict[int, float] = {}
+
+    def pre(k):
+        def hook(_m, _i):
+            sync(device)
+            start[k] = time.perf_counter()
+        return hook
+
+    def post(k):
+        def hook(_m, _i, _o):
+            sync(device)
+            times[k].append((time.perf_counter() - start.pop(k)) * 1e3)
+        return hook
+
+    totals = []
+    with torch.no_grad():
+        net(x)  # warm-up
+        handles = [h for k, (_, _, m) in enumerate(layers)
+                   for h in (m.register_forward_pre_hook(pre(k)), m.register_forward_hook(post(k)))]
+        try:
+            for t in times:
+                t.clear()
+            for _ in range(runs):
+                sync(device)
+                t0 = time.perf_counter()
+                net(x)
+                sync(device)
+                totals.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            for h in handles:
+                h.remove()
+    ms = [sorted(t)[len(t) // 2] * (len(t) / runs) if t else 0.0 for t in times]  # (a layer run twice: both)
+    gflops, total_gflops = layer_gflops(net, x)
+    total_ms = sorted(totals)[len(totals) // 2]
+    layer_ms = sum(ms)
+    rows = [(k, name, kind, ms[k], ms[k] / max(layer_ms, 1e-12), gflops[k], gflops[k] / max(total_gflops, 1e-12))
+            for k, (name, kind, _) in enumerate(layers)]
+    return {"rows": rows, "total_ms": total_ms, "layers_ms": layer_ms, "gflops": total_gflops}
+
+
+def profile_table(prof: dict[str, Any], top: int = 10) -> list[str]:
+    """The profile as printed lines: every layer in order, then the slowest ``top``."""
+    head = f"{'layer':>6} {'name':<22} {'type':<18} {'ms':>9} {'time %':>7} {'GFLOPs':>9} {'FLOPs %':>8}"
+
+    def line(r) -> str:
+        return f"{r[0]:>6} {r[1][:22]:<22} {r[2][:18]:<18} {r[3]:>9.3f} {100 * r[4]:>6.1f}% {r[5]:>9.4f} {100 * r[6]:>7.1f}%"
+
+    out = [head, *(line(r) for r in prof["rows"]),
+           f"{'':>6} {'all layers':<22} {'':<18} {prof['layers_ms']:>9.3f} {'':>7} {prof['gflops']:>9.4f}",
+           f"{'':>6} {'whole forward':<22} {'':<18} {prof['total_ms']:>9.3f}",
+           f"slowest {min(top, len(prof['rows']))} layers:"]
+    out += [line(r) for r in sorted(prof["rows"], key=lambda r: -r[3])[:top]]
+    return out
