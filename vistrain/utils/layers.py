@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,26 +131,29 @@ def default_embed_layer(layers: list[tuple[str, str, nn.Module]]) -> int:
     return max(k, 0)
 
 
-def feature_grid(fmap: torch.Tensor, title: str, path: Path, n: int = 32) -> None:
-    """The first ``n`` channels of ``fmap (Tensor[C, H, W])`` as a grid of images (8 per row), each scaled to its
-    own range, written to ``path``."""
-    import matplotlib
+def feature_grid(fmap: torch.Tensor, path: Path, n: int = 32, cols: int = 8, tile: int = 96) -> None:
+    """The first ``n`` channels of ``fmap (Tensor[C, H, W])`` as a grid (``cols`` per row), each channel scaled to
+    its own range, coloured with viridis and enlarged (nearest) to about ``tile`` pixels; written to ``path``."""
+    from matplotlib import colormaps
+    from PIL import Image
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = min(n, fmap.shape[0])
-    cols = min(8, c)
-    rows = -(-c // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.4 + 0.4), squeeze=False)
-    for j, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if j < c:
-            ax.imshow(fmap[j].float().cpu().numpy(), cmap="viridis")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    maps = fmap[:n].detach().float().cpu()
+    lo = maps.flatten(1).min(1).values.view(-1, 1, 1)
+    hi = maps.flatten(1).max(1).values.view(-1, 1, 1)
+    maps = ((maps - lo) / (hi - lo).clamp(min=1e-12)).numpy()
+    h, w = maps.shape[1:]
+    scale = max(1, tile // max(h, w))
+    c, cols = len(maps), min(cols, len(maps))
+    rows, pad = -(-c // cols), 2
+    th, tw = h * scale, w * scale
+    grid = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, np.uint8)
+    lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    for j, m in enumerate(maps):
+        r, q = divmod(j, cols)
+        img = lut[(m * 255).astype(np.uint8)].repeat(scale, 0).repeat(scale, 1)
+        y, x = pad + r * (th + pad), pad + q * (tw + pad)
+        grid[y:y + th, x:x + tw] = img
+    Image.fromarray(grid).save(path)
 
 
 def save_feature_maps(outputs: dict[int, Any], layers: list[tuple[str, str, nn.Module]], b: int, stem: str,
@@ -161,11 +165,10 @@ def save_feature_maps(outputs: dict[int, Any], layers: list[tuple[str, str, nn.M
         maps = [t for t in tensors(outputs[k]) if t.ndim == 4 and t.shape[2] > 1 and t.shape[3] > 1]
         if not maps:
             continue
-        name, kind, _ = layers[k]
+        kind = layers[k][1]
         fmap = maps[0][b]
         path = save_dir / f"{stem}_stage{k}_{kind}_features.png"
-        feature_grid(fmap, f"{stem}: layer {name} {kind}, {tuple(fmap.shape)}, first {min(32, fmap.shape[0])} "
-                           f"channels", path)
+        feature_grid(fmap, path)
         written.append(path)
     return written
 
