@@ -3,6 +3,8 @@ per-layer profile (``profile``, also in ``summary``), by hooks around the forwar
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,12 @@ def test_embeddings_are_stable_distinct_and_shaped(images, tmp_path):
     res = vistrain.predict(ckpt, str(images[0]), embed="21")
     torch.testing.assert_close(res[0].embedding, e1[0], rtol=1e-4, atol=1e-4 * float(e1.abs().max()))
     assert res[0].boxes is not None  # predictions as usual beside it
+    saved = vistrain.predict(ckpt, str(images[1]), embed=True, save=True, save_json=True,
+                             project=str(tmp_path / "runs"), name="emb")
+    records = json.loads((tmp_path / "runs" / "detect" / "emb" / "embeddings.json").read_text())
+    assert records[0]["layers"] == ["21"] and len(records[0]["embedding"]) == 256
+    assert np.allclose(records[0]["embedding"], saved[0].embedding.numpy(), rtol=1e-5, atol=1e-6 * float(
+        e1.abs().max()))
     with pytest.raises(UserError, match=r"embed=99: no layer '99'; the model has layers 0..22"):
         model.embed(str(images[0]), layers=99)
     for name, dim in (("resnet18", 512), ("efficientnet-b0", 1280)):
@@ -96,3 +104,10 @@ def test_hooks_leave_the_model_as_it_was(images, tmp_path):
                             project=str(tmp_path / "runs"))
     assert torch.equal(plain[0].boxes.data, seen[0].boxes.data)
     assert plain[0].embedding is None and seen[0].embedding.ndim == 1
+
+
+def test_yolov8_classifier_trains_with_the_classification_task(colour_folder):
+    res = vistrain.train(model="yolov8n-cls", data=str(colour_folder), imgsz=32, epochs=1, batch=8, nbs=8, workers=0,
+                         plots=False, name="v8cls")
+    assert res["metrics/accuracy_top1"] >= 0 and (torch.load(f"{res['save_dir']}/weights/best.pt",
+                                                             weights_only=True)["model_yaml"]["name"] == "yolov8n-cls")

@@ -122,8 +122,9 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 class CPUSyncBatchNorm(nn.BatchNorm2d):
     """``BatchNorm2d`` normalising with the statistics of the whole batch, all ranks together, on CPU (gloo), where
     torch's ``SyncBatchNorm`` refuses to run (CUDA only).  Mean and variance are summed over the ranks in two passes
-    (the sum, then the squared deviations from the mean) with ``torch.distributed.nn``'s differentiable
-    ``all_reduce`` (torch's functional collectives), so the gradients flow to every rank's inputs; outside a DDP training step it is BatchNorm2d."""
+    (the sum, then the squared deviations from the mean) with the differentiable ``all_reduce`` of torch's
+    functional collectives, so the gradients flow to every rank's inputs; outside a DDP training step it is
+    BatchNorm2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):

@@ -266,6 +266,8 @@ def _predict(cfg: dict, prepared: tuple | None = None):
                         f"PIL / OpenCV can read")
     if save:
         task.write_predictions(kept, save_dir, cfg)
+        if inspect.embed and cfg.get("save_json"):
+            inspect.write_embeddings(kept, save_dir)
     LOGGER.info(f"{count} images predicted" + (f", {len(skipped)} unreadable skipped" if skipped else "")
                 + (f". Results saved to {save_dir}" if save else ""))
 
@@ -310,6 +312,13 @@ class Inspection:
         if self.visualize and save_dir is not None:
             r.extra["feature_maps"] = [str(p) for p in L.save_feature_maps(outputs, self.layers, b, frame.name,
                                                                             save_dir)]
+
+    def write_embeddings(self, results: list[Result], save_dir: Path) -> None:
+        """``embeddings.json``: per image (and video frame) its embedding, with the layers it pools."""
+        layers = [self.layers[k][0] for k in self.embed]
+        records = [{"image": r.path, **({"frame": r.extra["frame"]} if "frame" in r.extra else {}), "layers": layers,
+                    "embedding": [float(v) for v in r.embedding]} for r in results]
+        (save_dir / "embeddings.json").write_text(json.dumps(records))
 
     def profile_once(self, x: torch.Tensor) -> None:
         from vistrain.utils import layers as L

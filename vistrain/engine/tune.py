@@ -122,7 +122,8 @@ def tune(cfg: dict[str, Any]) -> dict[str, Any]:
         from ray import tune as rt
         from ray.tune.schedulers import ASHAScheduler
     except ImportError:
-        raise UserError("vistrain tune runs on Ray Tune, which is not installed: pip install 'vistrain[tune]'") from None
+        raise UserError("vistrain tune runs on Ray Tune, which is not installed: "
+                        "pip install 'vistrain[tune]'") from None
     from vistrain.engine.run import get_task_for, resolve_model_source
 
     user = set(cfg.get("_user_keys", ()))
@@ -190,7 +191,8 @@ def write_results(grid, keys: list[str], base: dict[str, Any], tune_dir: Path) -
     best = rows[0]
     best_keys = {**base, **{k: best[k] for k in keys}}
     (tune_dir / "best.yaml").write_text(
-        f"# vistrain tune: trial {best['trial']}, fitness {best['fitness']:.6g}; vistrain train cfg={tune_dir / 'best.yaml'}\n"
+        f"# vistrain tune: trial {best['trial']}, fitness {best['fitness']:.6g}; "
+        f"vistrain train cfg={tune_dir / 'best.yaml'}\n"
         + yaml.safe_dump(best_keys, sort_keys=False))
     plot_fitness(curves, tune_dir / "fitness.png")
     LOGGER.info(f"tune: best trial {best['trial']}, fitness {best['fitness']:.4g} after {best['epochs']} epochs; "

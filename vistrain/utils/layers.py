@@ -253,7 +253,8 @@ def profile_table(prof: dict[str, Any], top: int = 10) -> list[str]:
     head = f"{'layer':>6} {'name':<22} {'type':<18} {'ms':>9} {'time %':>7} {'GFLOPs':>9} {'FLOPs %':>8}"
 
     def line(r) -> str:
-        return f"{r[0]:>6} {r[1][:22]:<22} {r[2][:18]:<18} {r[3]:>9.3f} {100 * r[4]:>6.1f}% {r[5]:>9.4f} {100 * r[6]:>7.1f}%"
+        return (f"{r[0]:>6} {r[1][:22]:<22} {r[2][:18]:<18} {r[3]:>9.3f} {100 * r[4]:>6.1f}% {r[5]:>9.4f} "
+                f"{100 * r[6]:>7.1f}%")
 
     out = [head, *(line(r) for r in prof["rows"]),
            f"{'':>6} {'all layers':<22} {'':<18} {prof['layers_ms']:>9.3f} {'':>7} {prof['gflops']:>9.4f}",
