@@ -77,10 +77,10 @@ def test_embeddings_are_stable_distinct_and_shaped(images, tmp_path):
 @pytest.mark.parametrize("name", ["yolov8n", "resnet18"])
 def test_profile_sums_to_the_forward_and_counts_summarys_gflops(name):
     model = build_model(name, num_classes=3).eval()
-    x = torch.zeros(1, 3, 64, 64)
-    prof = profile_layers(model, x, runs=5)
+    x = torch.zeros(1, 3, 128, 128)  # (at 64 px Python's overhead between layers is a larger share of the time)
+    prof = profile_layers(model, x, runs=9)
     assert abs(prof["layers_ms"] - prof["total_ms"]) <= 0.2 * prof["total_ms"], prof
-    assert prof["gflops"] == pytest.approx(summarize(model, imgsz=64).gflops, rel=1e-9)
+    assert prof["gflops"] == pytest.approx(summarize(model, imgsz=128).gflops, rel=1e-9)
     per, total = layer_gflops(model, x)
     assert sum(per) == pytest.approx(total, rel=1e-6)  # every FLOP belongs to one layer
     assert abs(sum(r[4] for r in prof["rows"]) - 1) < 1e-6 and all(r[3] >= 0 for r in prof["rows"])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vistrain.engine.utils import UserError
+from vistrain.utils.summary import output_tensors as tensors  # a layer's output tensors, in order
 
 OPEN = ("backbone", "fpn", "blocks", "cell")  # containers listed by their parts
 SKIP_DEFAULT = (nn.Dropout, nn.Identity, nn.Flatten)  # never the default embedding layer
@@ -82,17 +83,6 @@ def parse_layers(spec: Any, layers: list[tuple[str, str, nn.Module]], key: str) 
                             f"`vistrain summary` lists them)")
         out.append(k)
     return sorted(set(out))
-
-
-def tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors of a layer's output (a tensor, or lists / tuples / dicts of them), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in tensors(o)]
-    return []
 
 
 @contextmanager
@@ -201,14 +191,17 @@ def _fqn(net: nn.Module, module: nn.Module) -> str:
 
 
 def profile_layers(model: nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str, Any]:
-    """Time each layer (median of ``runs`` forward passes after one warm-up) with hooks before and after it, and
-    the whole forward pass measured the same way; GFLOPs per layer.  Returns ``{"rows": [...], "total_ms",
-    "layers_ms", "gflops"}``, each row ``(index, name, type, ms, share of time, GFLOPs, share of GFLOPs)``."""
+    """Time each layer with hooks before and after it over ``runs`` forward passes (after one warm-up), and each
+    whole pass measured the same way; GFLOPs per layer.  A layer's ms is its median over the passes, ``layers_ms``
+    the median over the passes of the layers' sum, ``total_ms`` the median whole pass.  Returns ``{"rows": [...],
+    "total_ms", "layers_ms", "gflops"}``, each row ``(index, name, type, ms, share of time, GFLOPs, share of
+    GFLOPs)``."""
     net = unwrap(model)
     layers = model_layers(net)
     device = x.device
-    times: list[list[float]] = [[] for _ in layers]
+    per_run = [[0.0] * len(layers) for _ in range(runs)]  # a layer run twice in a pass counts twice
     start: dict[int, float] = {}
+    run = [0]
 
     def pre(k):
         def hook(_m, _i):
@@ -219,8 +212,11 @@ def profile_layers(model: nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str
     def post(k):
         def hook(_m, _i, _o):
             sync(device)
-            times[k].append((time.perf_counter() - start.pop(k)) * 1e3)
+            per_run[run[0]][k] += (time.perf_counter() - start.pop(k)) * 1e3
         return hook
+
+    def median(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
 
     totals = []
     with torch.no_grad():
@@ -228,9 +224,8 @@ def profile_layers(model: nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str
         handles = [h for k, (_, _, m) in enumerate(layers)
                    for h in (m.register_forward_pre_hook(pre(k)), m.register_forward_hook(post(k)))]
         try:
-            for t in times:
-                t.clear()
-            for _ in range(runs):
+            for r in range(runs):
+                run[0] = r
                 sync(device)
                 t0 = time.perf_counter()
                 net(x)
@@ -239,11 +234,11 @@ def profile_layers(model: nn.Module, x: torch.Tensor, runs: int = 3) -> dict[str
         finally:
             for h in handles:
                 h.remove()
-    ms = [sorted(t)[len(t) // 2] * (len(t) / runs) if t else 0.0 for t in times]  # (a layer run twice: both)
+    ms = [median([per_run[r][k] for r in range(runs)]) for k in range(len(layers))]
     gflops, total_gflops = layer_gflops(net, x)
-    total_ms = sorted(totals)[len(totals) // 2]
-    layer_ms = sum(ms)
-    rows = [(k, name, kind, ms[k], ms[k] / max(layer_ms, 1e-12), gflops[k], gflops[k] / max(total_gflops, 1e-12))
+    total_ms, layer_ms = median(totals), median([sum(t) for t in per_run])
+    share = sum(ms)
+    rows = [(k, name, kind, ms[k], ms[k] / max(share, 1e-12), gflops[k], gflops[k] / max(total_gflops, 1e-12))
             for k, (name, kind, _) in enumerate(layers)]
     return {"rows": rows, "total_ms": total_ms, "layers_ms": layer_ms, "gflops": total_gflops}
 

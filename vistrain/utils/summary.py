@@ -82,14 +82,14 @@ def _fmt_shape(shape: tuple | list[tuple]) -> str:
     return str([-1, *shape[1:]])  # batch dimension shown as -1
 
 
-def _tensors(obj) -> list[torch.Tensor]:
+def output_tensors(obj) -> list[torch.Tensor]:
     """All tensors in a (possibly nested) tuple / list / dict output, in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return [t for o in obj for t in _tensors(o)]
+        return [t for o in obj for t in output_tensors(o)]
     return []
 
 
@@ -136,7 +136,7 @@ def summarize(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_channels:
 
     def make_hook(k: int):
         def hook(_module, _inp, out):
-            ts = _tensors(out)
+            ts = output_tensors(out)
             act_numel[0] += sum(t.numel() for t in ts)
             if k not in shapes:
                 s = [tuple(t.shape) for t in ts]
