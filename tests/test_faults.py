@@ -22,6 +22,7 @@ import torch
 import vistrain
 import vistrain.engine.checkpoint as checkpoint_module
 import vistrain.engine.run as run_module
+import vistrain.engine.records as records_module
 import vistrain.engine.trainer as trainer_module
 from vistrain.cli import main
 from vistrain.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -232,7 +233,7 @@ def test_results_csv_on_a_full_disk_one_line(colour_folder, monkeypatch, capsys)
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
         return real_open(file, mode, *args, **kw)
 
-    monkeypatch.setattr(trainer_module, "open", full_for_csv, raising=False)
+    monkeypatch.setattr(records_module, "open", full_for_csv, raising=False)  # (where results.csv is written)
     assert main(["train", f"data={colour_folder}", "epochs=2", "name=csvfull", *FAST]) == 2
     err = one_line_error(capsys)
     assert err.startswith("vistrain train: no space left on device while writing runs/classify/csvfull/results.csv")
